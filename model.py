@@ -1,0 +1,579 @@
+"""The Llama architecture that Code Llama trains, written out in one file.
+
+Code Llama changes nothing in the Llama 2 network (Code Llama sec. 2.1): same pre-norm RMSNorm, RoPE,
+grouped-query attention and SwiGLU. What changes between stages is data, the vocabulary (four infilling
+tokens, sec. 2.3) and the RoPE base (1e4 -> 1e6 for long context, sec. 2.4). So `rope_theta` is a plain
+field, the rotation tables are derived from it at run time and never stored, and `resize_vocab` grows the
+embeddings for new tokens.
+
+RoPE layout: we rotate in "half-split" form (dim i is paired with dim i + head_dim/2), the layout of HF
+checkpoints, so HF folders load and save without touching q/k. Meta's original checkpoints pair (2i, 2i+1);
+`_meta_to_hf_qk` permutes their q/k rows at load time (RECIPE.md sec. 7; LESSONS.md item 6: skipping this
+does not crash, the model just gets quietly worse).
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: plain multi-head attention (Llama 2 7B/13B)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden: int | None = None  # explicit FFN width, as HF configs give it (intermediate_size)
+    head_dim_override: int | None = None  # explicit head_dim where a config gives one
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # 1e4 for Llama 2, 1e6 for Code Llama (sec. 2.4)
+    max_seq_len: int = 4096  # written as max_position_embeddings; RoPE tables grow past it on demand
+    tie_embeddings: bool = False  # Llama 2 / Code Llama: untied; small models (SmolLM2): tied
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim (to keep the parameter count of a 4*dim MLP), scaled, rounded up."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def num_params(self, embeddings: bool = True) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * block + self.dim + (emb if embeddings else 0)
+
+
+# Dimensions from RECIPE.md sec. 6 (Code Llama) and sec. 7 (Llama 2). vocab_size is the tokenizer's.
+PRESETS = {
+    # a few M parameters: the CPU tests and the demo (GQA on purpose, so tests cover it)
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=1024),
+    # ~100M non-embedding parameters, for CPU throughput measurements
+    "small": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, max_seq_len=4096),
+    # ~1B, for a one-GPU throughput check
+    "1b": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, multiple_of=256, max_seq_len=4096),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                       ffn_dim_multiplier=1.3),
+    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6,
+                         max_seq_len=16384),
+    "codellama-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32016, rope_theta=1e6,
+                          max_seq_len=16384),
+    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, rope_theta=1e6,
+                          max_seq_len=16384),
+}
+
+# --------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 (bf16 loses the small mean-square terms), then cast back, as Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None):
+    """cos/sin of shape (length, head_dim), built in fp32: theta_i = theta^(-2i/d) (Code Llama sec. 2.4).
+
+    fp32 matters: in bf16 the angle of position 16,000 keeps only ~3 significant digits.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                               / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # half-split layout: dim i pairs with i + d/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (T, D). Rotates each pair (x_i, x_{i+D/2}) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = gqa_attention(q, k, v, causal=True)
+        else:
+            k, v = cache.update(layer, start_pos, k, v)  # (B, Hkv, start_pos + T, D)
+            y = gqa_attention(q, k, v, causal=T > 1, offset=start_pos)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
+
+
+def gqa_attention(q, k, v, causal: bool, offset: int = 0):
+    """Grouped-query attention: each of the Hkv key/value heads serves H/Hkv query heads (MHA when
+    Hkv == H, MQA when Hkv == 1). q: (B, H, T, D); k, v: (B, Hkv, S, D) with S = offset + T.
+
+    SDPA's fused kernels never build the (T, S) score matrix for the causal case, which is what makes
+    16k-token training fit (LESSONS.md item 4). With a cache prefix (offset > 0) and several new tokens,
+    we pass an explicit mask: query t sees keys up to offset + t.
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv != H:
+        # Fold the query heads that share a kv head into the time axis instead of copying k/v:
+        # (B, H, T, D) -> (B, Hkv, H/Hkv * T, D). Copying the whole cache per decoded token would make
+        # GQA decoding slower than MHA.
+        q = q.reshape(B, Hkv, (H // Hkv) * T, D)
+    if not causal:
+        y = F.scaled_dot_product_attention(q, k, v)
+    elif offset == 0 and Hkv == H:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        t = torch.arange(T, device=q.device).repeat(H // Hkv)  # query position of each folded row
+        mask = torch.arange(S, device=q.device)[None, :] <= (offset + t)[:, None]  # (rows, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.reshape(B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Created by the caller (`model.new_cache(...)`), never by the model, so the training forward pass
+    carries no state. Layout (layers, B, Hkv, max_len, D), the layout SDPA reads without a copy.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
+        shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer, start_pos, k, v):
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; position {end} asked for")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope = None  # (theta, device, cos, sin): derived from args, not a buffer, never saved
+
+    def rope(self, length: int, device):
+        """The rotation tables, rebuilt when the base, the device or the needed length changes, so a
+        checkpoint loaded with a new `rope_theta` can never run with the old angles."""
+        theta = self.args.rope_theta
+        r = self._rope
+        if r is None or r[0] != theta or r[1] != device or r[2].shape[0] < length:
+            n = max(length, self.args.max_seq_len)
+            self._rope = (theta, device, *rope_tables(self.args.head_dim, n, theta, device))
+        return self._rope[2], self._rope[3]
+
+    def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False):
+        """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only the
+        last position, and (T, V) logits of a 16k prompt would take 2 GB)."""
+        T = tokens.shape[1]
+        cos, sin = self.rope(start_pos + T, tokens.device)
+        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        h = self.tok_embeddings(tokens)
+        for block in self.layers:
+            h = block(h, cos, sin, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.args, batch_size, max_len, p.dtype, p.device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Initialization for training from scratch (after `to_empty` when built on the meta device)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # residual-branch outputs scaled down with depth so the residual stream keeps its scale
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int):
+        """Grow the embeddings (and output rows) for new tokens, such as the infilling tokens.
+
+        New rows start at the mean of the existing rows: a new token then looks like an average token,
+        the output gives it an average logit, and the loss does not jump at the first step.
+        """
+        old = self.args.vocab_size
+        if new_size < old:
+            raise ValueError(f"resize_vocab only grows the vocabulary ({old} -> {new_size})")
+        if new_size == old:
+            return
+        emb = self.tok_embeddings.weight
+        grown = torch.cat([emb, emb.mean(0, keepdim=True).expand(new_size - old, -1)])
+        self.tok_embeddings = nn.Embedding(new_size, self.args.dim, device=emb.device,
+                                           dtype=emb.dtype, _weight=grown.clone())
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        else:
+            w = self.output.weight
+            self.output = nn.Linear(self.args.dim, new_size, bias=False, device=w.device,
+                                    dtype=w.dtype)
+            self.output.weight.copy_(torch.cat([w, w.mean(0, keepdim=True).expand(new_size - old,
+                                                                                -1)]))
+        self.args.vocab_size = new_size
+
+    # ----------------------------------------------------------------------------------------------------
+    # Checkpoints: HF layout in and out, Meta's original layout in
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, rope_theta=None, device="cpu") -> "Transformer":
+        """Load an HF-layout folder (config.json + safetensors) or a Meta folder (params.json +
+        consolidated.NN.pth). `dtype` defaults to the checkpoint's; `rope_theta` overrides the base.
+
+        The model is built on the meta device and each parameter is materialized from the file tensor
+        by tensor, so peak memory is the weights once plus one tensor, not twice the weights.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+        if (path / "config.json").exists():
+            args, file_dtype = _args_from_hf_config(path / "config.json")
+            tensors = _hf_tensors(path)
+        elif (path / "params.json").exists():
+            args, file_dtype = _args_from_meta_params(path / "params.json")
+            tensors = _meta_tensors(path, args)
+        else:
+            raise FileNotFoundError(f"{path} has neither config.json (HF layout) nor params.json "
+                                    "(Meta layout)")
+        if rope_theta is not None:
+            args.rope_theta = float(rope_theta)
+        dtype = dtype or file_dtype
+        with torch.device("meta"):
+            model = cls(args)
+        expected = dict(model.named_parameters())  # a tied output shares the embedding's entry
+        for name, source, tensor in tensors:
+            if name not in expected:
+                continue  # e.g. old HF checkpoints' rotary_emb.inv_freq: derived, not a weight
+            want = expected[name]
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the config implies {tuple(want.shape)}")
+            _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        return model
+
+    def save_pretrained(self, out_dir, shard_bytes: int = 5 * 2**30, dtype=None):
+        """Write config.json and safetensors weights (sharded past `shard_bytes`, with an index) in the
+        layout transformers' LlamaForCausalLM and vLLM read. Written to a temporary folder beside
+        `out_dir` and renamed when complete, so a crash never leaves a half-written checkpoint.
+
+        Under FSDP every rank must call this (each parameter is gathered in turn, so no rank ever holds
+        more than one shard's worth of full tensors); only rank 0 writes.
+        """
+        from safetensors.torch import save_file
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        out_dir = Path(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)) \
+            if rank == 0 else None
+        shards, current, size, names = [], {}, 0, _hf_names(self.args)
+
+        def flush():
+            nonlocal current, size
+            if current and rank == 0:
+                fname = f"shard-{len(shards):05d}.safetensors"
+                save_file(current, str(tmp / fname), metadata={"format": "pt"})
+                shards.append((fname, list(current)))
+            current, size = {}, 0
+
+        seen = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            hf = names[name]
+            if hf in seen or (self.args.tie_embeddings and name == "output.weight"):
+                continue
+            seen.add(hf)
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor under FSDP2
+            t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+            if size and size + t.numel() * t.element_size() > shard_bytes:
+                flush()
+            current[hf] = t
+            size += t.numel() * t.element_size()
+        flush()
+        if rank != 0:
+            return
+        if len(shards) == 1:
+            os.rename(tmp / shards[0][0], tmp / "model.safetensors")
+        else:
+            index, total = {}, 0
+            for i, (fname, keys) in enumerate(shards):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.rename(tmp / fname, tmp / final)
+                index.update({k: final for k in keys})
+            for p in self.parameters():
+                total += p.numel() * (torch.finfo(dtype).bits // 8 if dtype else p.element_size())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        sample = next(self.parameters())
+        (tmp / "config.json").write_text(json.dumps(_hf_config(self.args, dtype or sample.dtype),
+                                                    indent=2))
+        if out_dir.exists():  # replace a previous export only once the new one is complete
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+
+
+def _set_param(model, name, tensor):
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, nn.Parameter(tensor, requires_grad=True))
+
+
+# --------------------------------------------------------------------------------------------------------
+# HF layout
+
+
+def _hf_names(args: ModelArgs) -> dict:
+    """Our parameter names -> HF LlamaForCausalLM names (RECIPE.md sec. 7)."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                 "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        for ours, theirs in per_layer.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _args_from_hf_config(path: Path):
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size"]
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    # Newer transformers write rope_parameters.rope_theta, older ones a top-level rope_theta
+    # (LESSONS.md item 10); Llama 2 configs may carry neither (then 1e4).
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e4
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise ValueError(f"{path}: rope scaling {scaling.get('rope_type') or scaling.get('type')!r} "
+                         "is not part of the Llama 2 / Code Llama architecture")
+    head_dim = cfg.get("head_dim")
+    args = ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
+        vocab_size=cfg["vocab_size"], ffn_hidden=cfg["intermediate_size"],
+        head_dim_override=head_dim if head_dim and head_dim != cfg["hidden_size"] //
+        cfg["num_attention_heads"] else None,
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        bos_id=cfg.get("bos_token_id", 1), eos_id=_first(cfg.get("eos_token_id", 2)))
+    dtype = DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype"), torch.float32)
+    return args, dtype
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _hf_config(args: ModelArgs, dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers, "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta,
+        "tie_word_embeddings": args.tie_embeddings, "bos_token_id": args.bos_id,
+        "eos_token_id": args.eos_id, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "initializer_range": 0.02, "rope_scaling": None,
+        "torch_dtype": {v: k for k, v in DTYPES.items()}[dtype],
+    }
+
+
+def _hf_tensors(path: Path):
+    """Yield (our name, source file, tensor) from single or sharded safetensors, one tensor at a time."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    ours = {v: k for k, v in _hf_names(_args_from_hf_config(path / "config.json")[0]).items()}
+    for fname in files:
+        f = path / fname
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: listed in the index but missing")
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except Exception as e:  # truncated header, not a safetensors file, ...
+            raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+        with handle:
+            for key in handle.keys():
+                try:
+                    t = handle.get_tensor(key)
+                except Exception as e:  # data shorter than the header says (truncated file)
+                    raise ValueError(f"{f}: cannot read tensor {key!r} ({e})") from None
+                yield ours.get(key, key), f.name, t
+
+
+# --------------------------------------------------------------------------------------------------------
+# Meta's original layout (how Llama 2 and Code Llama were released)
+
+
+def _args_from_meta_params(path: Path):
+    p = json.loads(path.read_text())
+    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                     n_kv_heads=p.get("n_kv_heads"), vocab_size=p.get("vocab_size", -1),
+                     multiple_of=p.get("multiple_of", 256),
+                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-5),
+                     rope_theta=float(p.get("rope_theta", 1e4)))
+    if args.vocab_size <= 0:  # Meta's params.json often says -1: the tokenizer decides; read it off
+        first = sorted(path.parent.glob("consolidated.*.pth"))[:1]
+        if first:
+            emb = torch.load(first[0], map_location="cpu", mmap=True, weights_only=True)
+            args.vocab_size = emb["tok_embeddings.weight"].shape[0]
+    if args.rope_theta > 1e4:
+        args.max_seq_len = 16384  # Code Llama's long-context models, as HF's converter sets it
+    return args, torch.bfloat16
+
+
+def _meta_to_hf_qk(w, n_heads):
+    """Interleaved pairs (2i, 2i+1) -> half-split pairs (i, i + d/2): reorder the rows of each head."""
+    out, dim = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def _meta_tensors(path: Path, args: ModelArgs):
+    """Merge model-parallel shards tensor by tensor (RECIPE.md sec. 7): column-parallel weights are
+    concatenated on dim 0, row-parallel ones (and Llama 2's embedding) on dim 1, norms replicated."""
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    dim1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+    for key in shards[0]:
+        if key.endswith("rope.freqs"):
+            continue  # derived from rope_theta, never loaded
+        parts = [s[key] for s in shards]
+        if key.endswith("norm.weight") or len(parts) == 1:
+            t = parts[0]
+        else:
+            t = torch.cat(parts, dim=1 if key.endswith(dim1) else 0)
+        if key.endswith("attention.wq.weight"):
+            t = _meta_to_hf_qk(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = _meta_to_hf_qk(t, args.kv_heads)
+        yield key, files[0].name if len(files) == 1 else f"{files[0].name}..", t

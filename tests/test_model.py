@@ -1,0 +1,226 @@
+"""model.py against transformers' LlamaForCausalLM (the numerical reference), plus the properties the
+stages rely on: cached decoding, relative-position RoPE, checkpoint round trips and clear load errors."""
+
+import json
+
+import pytest
+import torch
+
+from model import ModelArgs, Transformer, apply_rope, rope_tables
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {  # name: (n_heads, n_kv_heads, rope_theta, tied)
+    "mha-1e4-untied": (4, 4, 1e4, False),
+    "gqa-1e6-untied": (8, 2, 1e6, False),
+    "mqa-1e4-tied": (4, 1, 1e4, True),
+    "gqa-1e6-tied": (4, 2, 1e6, True),
+}
+
+
+def random_model(n_heads, n_kv_heads, theta, tied, vocab=301, seed=0):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
+                     multiple_of=16, rope_theta=theta, tie_embeddings=tied, max_seq_len=128)
+    m = Transformer(args)
+    m.init_weights(std=0.1)  # larger than training's 0.02 so attention patterns are far from uniform
+    with torch.no_grad():  # norms away from 1 so a wrongly applied norm weight shows
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_transformers(tmp_path, name):
+    m = random_model(*CONFIGS[name])
+    m.save_pretrained(tmp_path / "ckpt")
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt",
+                                                        torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, m.args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = m(tokens)
+        theirs = ref(tokens).logits
+    assert ours.dtype == torch.float32 and ours.shape == (2, 48, m.args.vocab_size)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # and back: our loader reads the folder to the same logits
+    again = Transformer.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(again(tokens), ours)
+
+
+@pytest.mark.parametrize("name", ["mha-1e4-untied", "gqa-1e6-untied", "mqa-1e4-tied"])
+def test_kv_cache_decoding_matches_full_forward(name):
+    m = random_model(*CONFIGS[name]).eval()
+    tokens = torch.randint(0, m.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = m(tokens)
+        cache = m.new_cache(3, 64)
+        parts = [m(tokens[:, :17], cache=cache, start_pos=0)]  # prefill
+        parts.append(m(tokens[:, 17:25], cache=cache, start_pos=17))  # a chunk after a prefix
+        for t in range(25, 40):  # one token at a time
+            parts.append(m(tokens[:, t:t + 1], cache=cache, start_pos=t))
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+    with torch.no_grad():
+        last = m(tokens, last_only=True)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    cos, sin = rope_tables(64, 20000, 1e6)
+
+    def score(i, j):
+        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1],
+                                                                      sin[j:j + 1])).sum()
+
+    assert torch.allclose(score(5, 2), score(15005, 15002), atol=1e-3)
+    assert torch.allclose(score(100, 0), score(130, 30), atol=1e-4)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+def test_rope_theta_override_rebuilds_tables_and_is_never_saved(tmp_path):
+    m = random_model(4, 2, 1e4, False)
+    assert not any("rope" in k or "freq" in k for k in m.state_dict())
+    m.save_pretrained(tmp_path / "a")
+    m2 = Transformer.from_pretrained(tmp_path / "a", rope_theta=1e6)
+    assert m2.args.rope_theta == 1e6
+    tokens = torch.randint(0, 301, (1, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = m(tokens), m2(tokens)
+    # position 0 is unrotated whatever the base; far positions differ
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-5)
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-3
+    m2.save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["rope_theta"] == 1e6
+    # the table follows the field, even on a live model
+    m.args.rope_theta = 1e6
+    with torch.no_grad():
+        assert torch.allclose(m(tokens), b, atol=1e-6)
+
+
+def test_presets_have_the_paper_dimensions():
+    cl34 = ModelArgs.from_name("codellama-34b")
+    assert (cl34.hidden_dim, cl34.kv_heads, cl34.head_dim, cl34.rope_theta) == (22016, 8, 128, 1e6)
+    assert ModelArgs.from_name("llama2-7b").hidden_dim == 11008
+    assert ModelArgs.from_name("codellama-13b").hidden_dim == 13824
+    assert ModelArgs.from_name("llama2-70b").hidden_dim == 28672
+    assert abs(ModelArgs.from_name("llama2-7b").num_params() - 6.74e9) < 0.01e9
+    assert ModelArgs.from_name("codellama-7b").vocab_size == 32016
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelArgs.from_name("llama2-8b")
+
+
+def test_resize_vocab_initializes_new_rows_to_the_mean():
+    m = random_model(4, 2, 1e4, False)
+    old_out = m.output.weight.detach().clone()
+    m.resize_vocab(304)
+    assert m.tok_embeddings.weight.shape == (304, 64) and m.output.weight.shape == (304, 64)
+    assert torch.allclose(m.output.weight[-1], old_out.mean(0))
+    assert torch.equal(m.output.weight[:301], old_out)
+    tied = random_model(4, 2, 1e4, True)
+    tied.resize_vocab(320)
+    assert tied.output.weight is tied.tok_embeddings.weight
+
+
+def test_sharded_save_loads_in_transformers(tmp_path):
+    m = random_model(4, 2, 1e6, False)
+    m.save_pretrained(tmp_path / "s", shard_bytes=100_000)
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert "model.safetensors.index.json" in files and "model-00001-of-" in " ".join(files)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "s", torch_dtype=torch.float32)
+    again = Transformer.from_pretrained(tmp_path / "s")
+    tokens = torch.arange(30)[None]
+    with torch.no_grad():
+        assert (ref(tokens).logits - m(tokens)).abs().max() < 1e-4
+        assert torch.equal(again(tokens), m(tokens))
+
+
+def test_rope_parameters_config_form(tmp_path):
+    m = random_model(4, 2, 1e6, False)
+    m.save_pretrained(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    assert Transformer.from_pretrained(tmp_path / "c").args.rope_theta == 1e6
+
+
+def test_meta_layout_with_model_parallel_shards(tmp_path):
+    """Write a model in Meta's layout (interleaved q/k rows, 2 model-parallel shards) and load it."""
+    m = random_model(8, 2, 1e6, False)
+    a = m.args
+    hd = a.head_dim
+
+    def to_meta_qk(w, n):  # half-split -> interleaved, the inverse of the loader's permutation
+        return w.view(n, 2, hd // 2, a.dim).transpose(1, 2).reshape(n * hd, a.dim)
+
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    for k in sd:
+        if k.endswith("wq.weight"):
+            sd[k] = to_meta_qk(sd[k], a.n_heads)
+        elif k.endswith("wk.weight"):
+            sd[k] = to_meta_qk(sd[k], a.kv_heads)
+    shards = [{}, {}]
+    for k, v in sd.items():
+        if k.endswith("norm.weight"):
+            parts = [v, v]
+        elif k.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")):
+            parts = v.chunk(2, dim=1)
+        elif k.endswith(("wq.weight", "wk.weight")):  # split by heads, as model parallelism does
+            parts = v.chunk(2, dim=0)
+        else:
+            parts = v.chunk(2, dim=0)
+        for s, p in zip(shards, parts):
+            s[k] = p.clone()
+    d = tmp_path / "meta"
+    d.mkdir()
+    for i, s in enumerate(shards):
+        torch.save(s, d / f"consolidated.{i:02d}.pth")
+    (d / "params.json").write_text(json.dumps(dict(
+        dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+        multiple_of=a.multiple_of, norm_eps=a.norm_eps, rope_theta=a.rope_theta, vocab_size=-1)))
+    loaded = Transformer.from_pretrained(d, dtype=torch.float32)
+    tokens = torch.arange(50)[None] % 301
+    with torch.no_grad():
+        assert (loaded(tokens) - m(tokens)).abs().max() < 1e-5
+
+
+def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
+    m = random_model(4, 2, 1e4, False)
+    good = tmp_path / "good"
+    m.save_pretrained(good)
+    st = good / "model.safetensors"
+
+    def clone(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((good / "config.json").read_text())
+        return d
+
+    truncated = clone("truncated")
+    (truncated / "model.safetensors").write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(tensor|safetensors)"):
+        Transformer.from_pretrained(truncated)
+
+    from safetensors.torch import load_file, save_file
+    sd = load_file(st)
+    missing = clone("missing")
+    save_file({k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k},
+              missing / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing.*layers\.1\.feed_forward\.w3"):
+        Transformer.from_pretrained(missing)
+
+    shape = clone("shape")
+    sd2 = dict(sd)
+    sd2["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 64)
+    save_file(sd2, shape / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors.*layers\.0\.attention\.wk.*shape"):
+        Transformer.from_pretrained(shape)
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(empty)
