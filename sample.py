@@ -1,0 +1,234 @@
+"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3) and instructions (sec. 2.5).
+
+    python sample.py --ckpt out/code/hf --prompt "def fibonacci(n):"
+    python sample.py --ckpt out/infill/hf --infill --prefix "def add(a, b):\n    " --suffix "\n"
+    python sample.py --ckpt out/infill/hf --infill --prompt 'def f(x):\n    return <FILL>\n'
+    python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function that reverses a list"
+    python sample.py --ckpt out/instruct/hf --instruct        # interactive multi-turn chat
+
+Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token per
+step reading only the new token. `generate` is also the engine of self_instruct.py and eval.py.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data import Tokenizer, format_chat, format_infill
+from model import Transformer
+
+# The built-in infilling demo: a docstring to fill between a signature and its body.
+DEMO_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
+DEMO_SUFFIX = '\n    return "".join(c for c in s if ord(c) < 128)\n'
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop_ids=(),
+             stop=None, generator=None, on_token=None):
+    """Sample `n` continuations of one prompt (a list of ids), batched, with a KV cache.
+
+    temperature 0 is greedy. A row ends at any id in `stop_ids` (kept out of its output) or when
+    `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after every
+    step with row 0's ids so far, for streaming. Returns a list of n lists of generated ids.
+    """
+    device = model.tok_embeddings.weight.device
+    total = len(prompt) + max_new_tokens
+    if total > model.args.max_seq_len * 64:
+        raise ValueError(f"prompt + new tokens = {total} is far past the model's length")
+    cache = model.new_cache(n, total)
+    tokens = torch.tensor(prompt, device=device).expand(n, -1)
+    logits = model(tokens, cache=cache, start_pos=0, last_only=True)[:, -1]  # prefill
+    out = [[] for _ in range(n)]
+    done = [False] * n
+    stop_ids = set(stop_ids)
+    for pos in range(len(prompt), total):
+        nxt = sample_next(logits, temperature, top_p, generator)  # (n,)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if stop is not None and stop(i, out[i]):
+                done[i] = True
+        if on_token is not None:
+            on_token(out[0])
+        if all(done) or pos == total - 1:
+            break
+        logits = model(nxt[:, None], cache=cache, start_pos=pos)[:, -1]
+    return out
+
+
+def sample_next(logits, temperature, top_p, generator=None):
+    """logits (n, V) -> next ids (n,): greedy at temperature 0, else nucleus sampling (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return idx.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def load(ckpt, dtype=None, device="cpu"):
+    """Model and tokenizer from a checkpoint folder, with the checks a user needs when they disagree."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise SystemExit(f"error: checkpoint folder {ckpt} does not exist")
+    model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
+    tok = Tokenizer.from_pretrained(ckpt)
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"error: {ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.args.vocab_size} embeddings (was the model resized after extending "
+                         "the tokenizer?)")
+    return model, tok
+
+
+class Streamer:
+    """Prints text as it is generated. Decodes the whole continuation each step and prints what is new,
+    so multi-byte characters split over several tokens come out whole."""
+
+    def __init__(self, decode, enabled, color=""):
+        self.decode, self.enabled, self.color, self.printed = decode, enabled, color, ""
+
+    def __call__(self, ids):
+        if not self.enabled:
+            return
+        text = self.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return
+        new, self.printed = text[len(self.printed):], text
+        sys.stdout.write(self.color + new + ("\033[0m" if self.color else ""))
+        sys.stdout.flush()
+
+
+def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="", after=""):
+    """Generate for one prompt; stream or print JSON. Returns the completion text."""
+    gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(args.seed)
+    streamer = Streamer(decode, not args.json, color)
+    if not args.json:
+        sys.stdout.write(before)
+    t0 = time.perf_counter()
+    first = []
+
+    def on_token(ids):
+        if not first:
+            first.append(time.perf_counter())  # decode speed excludes the prefill
+        streamer(ids)
+
+    ids = generate(model, prompt_ids, args.max_new_tokens, 0.0 if args.greedy else args.temperature,
+                   args.top_p, stop_ids=stop_ids, generator=gen, on_token=on_token)[0]
+    t1 = time.perf_counter()
+    steps = max(len(ids) - 1, 0)
+    tps = steps / (t1 - first[0]) if first and steps else 0.0
+    text = decode(ids)
+    if args.json:
+        print(json.dumps({"completion": text, "token_ids": ids, "tokens_per_s": tps,
+                          "prompt_tokens": len(prompt_ids), "time_s": t1 - t0}))
+    else:
+        sys.stdout.write(after + f"\n\n[{len(ids)} tokens, {tps:.1f} tokens/s]\n")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer)")
+    p.add_argument("--prompt", help="completion prompt; with --infill it may hold <FILL>")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.2)  # example_completion.py in [R]
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per generation on stdout")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: the checkpoint's")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--infill", action="store_true", help="fill in the middle (Code Llama sec. 2.3)")
+    p.add_argument("--prefix", help="text before the hole (--infill)")
+    p.add_argument("--suffix", help="text after the hole (--infill)")
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle layout (--infill)")
+    p.add_argument("--instruct", action="store_true", help="Llama 2 chat layout (sec. 2.5)")
+    p.add_argument("--system", help="system prompt (--instruct)")
+    args = p.parse_args(argv)
+    if args.ckpt is None:
+        raise SystemExit("error: --ckpt is required")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    model, tok = load(args.ckpt, dtype, args.device)
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+
+    if args.infill:
+        if args.prefix is not None or args.suffix is not None:
+            prefix, suffix = args.prefix or "", args.suffix or ""
+        elif args.prompt is not None:
+            if args.prompt.count("<FILL>") != 1:
+                raise SystemExit("error: an --infill prompt needs exactly one <FILL> marker")
+            prefix, suffix = args.prompt.split("<FILL>")
+        else:
+            prefix, suffix = DEMO_PREFIX, DEMO_SUFFIX
+        try:
+            prompt_ids = format_infill(tok, prefix, suffix, suffix_first=args.spm)
+        except ValueError as e:
+            raise SystemExit(f"error: {args.ckpt}: {e}")
+        if args.spm:  # the middle continues the prefix, which was encoded with its leading space
+            tail = tok.encode(prefix)[-8:]
+            n = len(tok.decode(tail))
+            decode = lambda ids: tok.decode(tail + ids)[n:]  # noqa: E731
+        else:
+            decode = tok.decode_infilling
+        color = "\033[1;32m" if sys.stdout.isatty() else ""
+        # generation ends at <EOT> (LESSONS.md item 1); EOS too, should the model emit it
+        run_one(args, model, tok, prompt_ids, decode, {tok.eot_id, tok.eos_id}, color,
+                before=prefix, after=suffix)
+        return
+
+    if args.instruct:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        interactive = args.prompt is None
+        while True:
+            if interactive:
+                try:
+                    user = input("\nuser> ")
+                except EOFError:
+                    return
+                if not user.strip():
+                    continue
+            else:
+                user = args.prompt
+            messages.append({"role": "user", "content": user})
+            try:
+                prompt_ids = format_chat(tok, messages)
+            except ValueError as e:  # reserved tags such as [INST] in the user's text
+                messages.pop()
+                if not interactive:
+                    raise SystemExit(f"error: {e}")
+                print(f"refused: {e}")
+                continue
+            decode = lambda ids: tok.decode(ids).strip()  # noqa: E731
+            answer = run_one(args, model, tok, prompt_ids, decode, {tok.eos_id},
+                             before="" if args.json else "assistant> ")
+            messages.append({"role": "assistant", "content": answer})
+            if not interactive:
+                return
+
+    if args.prompt is None:
+        raise SystemExit("error: give --prompt (or --infill / --instruct)")
+    prompt_ids = bos + tok.encode(args.prompt)
+    # Decode the continuation after a few prompt tokens, so that spaces at the seam come out right
+    # without re-decoding a long prompt at every step.
+    tail = prompt_ids[-8:]
+    n = len(tok.decode(tail))
+    decode = lambda ids: tok.decode(tail + ids)[n:]  # noqa: E731
+    run_one(args, model, tok, prompt_ids, decode, {tok.eos_id}, before=args.prompt)
+
+
+if __name__ == "__main__":
+    main()

