@@ -1,15 +1,15 @@
 """The Llama architecture that Code Llama trains, written out in one file.
 
-Code Llama changes nothing in the Llama 2 network (Code Llama sec. 2.1): same pre-norm RMSNorm, RoPE,
-grouped-query attention and SwiGLU. What changes between stages is data, the vocabulary (four infilling
-tokens, sec. 2.3) and the RoPE base (1e4 -> 1e6 for long context, sec. 2.4). So `rope_theta` is a plain
-field, the rotation tables are derived from it at run time and never stored, and `resize_vocab` grows the
-embeddings for new tokens.
+Code Llama changes nothing in the Llama 2 network (Code Llama sec. 2.1): same pre-norm RMSNorm,
+RoPE, grouped-query attention and SwiGLU. What changes between stages is data, the vocabulary (four
+infilling tokens, sec. 2.3) and the RoPE base (1e4 -> 1e6 for long context, sec. 2.4). So
+`rope_theta` is a plain field, the rotation tables are derived from it at run time and never stored,
+and `resize_vocab` grows the embeddings for new tokens.
 
-RoPE layout: we rotate in "half-split" form (dim i is paired with dim i + head_dim/2), the layout of HF
-checkpoints, so HF folders load and save without touching q/k. Meta's original checkpoints pair (2i, 2i+1);
-`_meta_to_hf_qk` permutes their q/k rows at load time (RECIPE.md sec. 7; LESSONS.md item 6: skipping this
-does not crash, the model just gets quietly worse).
+RoPE layout: we rotate in "half-split" form (dim i is paired with dim i + head_dim/2), the layout of
+HF checkpoints, so HF folders load and save without touching q/k. Meta's original checkpoints pair
+(2i, 2i+1); `_meta_to_hf_qk` permutes their q/k rows at load time (RECIPE.md sec. 7; LESSONS.md item
+6: skipping this does not crash, the model just gets quietly worse).
 """
 
 import json
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration
 
 
@@ -41,7 +41,7 @@ class ModelArgs:
     head_dim_override: int | None = None  # explicit head_dim where a config gives one
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # 1e4 for Llama 2, 1e6 for Code Llama (sec. 2.4)
-    max_seq_len: int = 4096  # written as max_position_embeddings; RoPE tables grow past it on demand
+    max_seq_len: int = 4096  # max_position_embeddings; the RoPE tables grow past it on demand
     tie_embeddings: bool = False  # Llama 2 / Code Llama: untied; small models (SmolLM2): tied
     bos_id: int = 1
     eos_id: int = 2
@@ -56,7 +56,7 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU width: 2/3 of 4*dim (to keep the parameter count of a 4*dim MLP), scaled, rounded up."""
+        """SwiGLU width: 2/3 of 4*dim (the parameter count of a 4*dim MLP), scaled, rounded up."""
         if self.ffn_hidden is not None:
             return self.ffn_hidden
         hidden = int(2 * 4 * self.dim / 3)
@@ -97,7 +97,7 @@ PRESETS = {
                           max_seq_len=16384),
 }
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -115,7 +115,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None):
-    """cos/sin of shape (length, head_dim), built in fp32: theta_i = theta^(-2i/d) (Code Llama sec. 2.4).
+    """cos/sin of shape (length, head_dim), built in fp32: theta_i = theta^(-2i/d) (sec. 2.4).
 
     fp32 matters: in bf16 the angle of position 16,000 keeps only ~3 significant digits.
     """
@@ -160,26 +160,20 @@ def gqa_attention(q, k, v, causal: bool, offset: int = 0):
     """Grouped-query attention: each of the Hkv key/value heads serves H/Hkv query heads (MHA when
     Hkv == H, MQA when Hkv == 1). q: (B, H, T, D); k, v: (B, Hkv, S, D) with S = offset + T.
 
-    SDPA's fused kernels never build the (T, S) score matrix for the causal case, which is what makes
-    16k-token training fit (LESSONS.md item 4). With a cache prefix (offset > 0) and several new tokens,
-    we pass an explicit mask: query t sees keys up to offset + t.
+    SDPA shares kv heads itself (enable_gqa) instead of us copying k/v H/Hkv times, and its fused
+    kernels never build the (T, S) score matrix in the causal case, which is what lets 16k-token
+    training fit (LESSONS.md item 4). Only a cached prefix followed by several new tokens (offset >
+    0) needs an explicit mask: query t sees keys up to offset + t.
     """
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv != H:
-        # Fold the query heads that share a kv head into the time axis instead of copying k/v:
-        # (B, H, T, D) -> (B, Hkv, H/Hkv * T, D). Copying the whole cache per decoded token would make
-        # GQA decoding slower than MHA.
-        q = q.reshape(B, Hkv, (H // Hkv) * T, D)
+    gqa = k.shape[1] != q.shape[1]
     if not causal:
-        y = F.scaled_dot_product_attention(q, k, v)
-    elif offset == 0 and Hkv == H:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        t = torch.arange(T, device=q.device).repeat(H // Hkv)  # query position of each folded row
-        mask = torch.arange(S, device=q.device)[None, :] <= (offset + t)[:, None]  # (rows, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.reshape(B, H, T, D)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    T, S = q.shape[2], k.shape[2]
+    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + T,
+                                                                     device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
 
 
 class FeedForward(nn.Module):
@@ -229,7 +223,7 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -257,8 +251,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
                 last_only: bool = False):
-        """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only the
-        last position, and (T, V) logits of a 16k prompt would take 2 GB)."""
+        """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only
+        the last position, and (T, V) logits of a 16k prompt would take 2 GB)."""
         T = tokens.shape[1]
         cos, sin = self.rope(start_pos + T, tokens.device)
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
@@ -275,12 +269,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
-        """Initialization for training from scratch (after `to_empty` when built on the meta device)."""
+        """Initialization for training from scratch (after `to_empty` when built on meta)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
-                # residual-branch outputs scaled down with depth so the residual stream keeps its scale
+                # residual-branch outputs scaled with depth: the residual stream keeps its scale
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
             else:
                 nn.init.normal_(p, std=std)
@@ -289,8 +283,8 @@ class Transformer(nn.Module):
     def resize_vocab(self, new_size: int):
         """Grow the embeddings (and output rows) for new tokens, such as the infilling tokens.
 
-        New rows start at the mean of the existing rows: a new token then looks like an average token,
-        the output gives it an average logit, and the loss does not jump at the first step.
+        New rows start at the mean of the existing rows: a new token then looks like an average
+        token, the output gives it an average logit, and the loss does not jump at the first step.
         """
         old = self.args.vocab_size
         if new_size < old:
@@ -311,7 +305,7 @@ class Transformer(nn.Module):
                                                                                 -1)]))
         self.args.vocab_size = new_size
 
-    # ----------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # Checkpoints: HF layout in and out, Meta's original layout in
 
     @classmethod
@@ -319,8 +313,8 @@ class Transformer(nn.Module):
         """Load an HF-layout folder (config.json + safetensors) or a Meta folder (params.json +
         consolidated.NN.pth). `dtype` defaults to the checkpoint's; `rope_theta` overrides the base.
 
-        The model is built on the meta device and each parameter is materialized from the file tensor
-        by tensor, so peak memory is the weights once plus one tensor, not twice the weights.
+        The model is built on the meta device and each parameter is materialized from the file
+        tensor by tensor, so peak memory is the weights once plus one tensor, not twice the weights.
         """
         path = Path(path)
         if not path.is_dir():
@@ -352,17 +346,19 @@ class Transformer(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
-            raise ValueError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}"
+            raise ValueError(f"{path}: tensors missing from the checkpoint: "
+                             f"{', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         return model
 
     def save_pretrained(self, out_dir, shard_bytes: int = 5 * 2**30, dtype=None):
-        """Write config.json and safetensors weights (sharded past `shard_bytes`, with an index) in the
-        layout transformers' LlamaForCausalLM and vLLM read. Written to a temporary folder beside
-        `out_dir` and renamed when complete, so a crash never leaves a half-written checkpoint.
+        """Write config.json and safetensors weights (sharded past `shard_bytes`, with an index) in
+        the layout transformers' LlamaForCausalLM and vLLM read. Written to a temporary folder
+        beside `out_dir` and renamed when complete, so a crash never leaves a half-written
+        checkpoint.
 
-        Under FSDP every rank must call this (each parameter is gathered in turn, so no rank ever holds
-        more than one shard's worth of full tensors); only rank 0 writes.
+        Under FSDP every rank must call this (each parameter is gathered in turn, so no rank ever
+        holds more than one shard's worth of full tensors); only rank 0 writes.
         """
         from safetensors.torch import save_file
 
@@ -426,13 +422,46 @@ def _set_param(model, name, tensor):
     setattr(mod, attr, nn.Parameter(tensor, requires_grad=True))
 
 
-# --------------------------------------------------------------------------------------------------------
+def parallelize(model: Transformer, mesh=None, param_dtype=None, checkpoint_activations=False,
+                compile=False) -> Transformer:
+    """Ready a model for training, per block, in torchtitan's order: activation checkpointing, then
+    compile, then FSDP2 (`fully_shard`) when a device mesh is given. Call it on the meta device,
+    before `to_empty`, so the full model never exists on one device (LESSONS.md item 5).
+
+    Parameter names stay as they are (no wrapper or `_orig_mod.` prefixes), so checkpoints and
+    `save_pretrained` see the plain model.
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Compute in param_dtype (bf16 on GPU) but reduce gradients in fp32: a sum over many ranks in
+    # bf16 loses the small updates (Llama 2 and Code Llama train in bf16).
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        if checkpoint_activations:
+            # keep only each block's input, recompute the rest in backward: FSDP shards weights and
+            # optimizer state, not activations, and these are what a 16k context fills (LESSONS 4)
+            checkpoint(block)
+        if compile:
+            block.compile()  # in place: the parameter names keep no `_orig_mod.` prefix
+        if mesh is not None:
+            # each block's weights are gathered just before it runs and freed after; the last
+            # block's stay gathered after forward, since backward needs them right away
+            fully_shard(block, mesh=mesh, mp_policy=mp,
+                        reshard_after_forward=i < len(model.layers) - 1)
+    if mesh is not None:
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the rest: embeddings, final norm, output
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
 # HF layout
 
 
 def _hf_names(args: ModelArgs) -> dict:
     """Our parameter names -> HF LlamaForCausalLM names (RECIPE.md sec. 7)."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -463,7 +492,8 @@ def _args_from_hf_config(path: Path):
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e4
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{path}: rope scaling {scaling.get('rope_type') or scaling.get('type')!r} "
+        kind = scaling.get("rope_type") or scaling.get("type")
+        raise ValueError(f"{path}: rope scaling {kind!r} "
                          "is not part of the Llama 2 / Code Llama architecture")
     head_dim = cfg.get("head_dim")
     args = ModelArgs(
@@ -500,7 +530,8 @@ def _hf_config(args: ModelArgs, dtype) -> dict:
 
 
 def _hf_tensors(path: Path):
-    """Yield (our name, source file, tensor) from single or sharded safetensors, one tensor at a time."""
+    """Yield (our name, source file, tensor) from single or sharded safetensors, one tensor at a
+    time."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -529,7 +560,7 @@ def _hf_tensors(path: Path):
                 yield ours.get(key, key), f.name, t
 
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Meta's original layout (how Llama 2 and Code Llama were released)
 
 
@@ -538,7 +569,8 @@ def _args_from_meta_params(path: Path):
     args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                      n_kv_heads=p.get("n_kv_heads"), vocab_size=p.get("vocab_size", -1),
                      multiple_of=p.get("multiple_of", 256),
-                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-5),
+                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+                     norm_eps=p.get("norm_eps", 1e-5),
                      rope_theta=float(p.get("rope_theta", 1e4)))
     if args.vocab_size <= 0:  # Meta's params.json often says -1: the tokenizer decides; read it off
         first = sorted(path.parent.glob("consolidated.*.pth"))[:1]
@@ -551,14 +583,16 @@ def _args_from_meta_params(path: Path):
 
 
 def _meta_to_hf_qk(w, n_heads):
-    """Interleaved pairs (2i, 2i+1) -> half-split pairs (i, i + d/2): reorder the rows of each head."""
+    """Interleaved pairs (2i, 2i+1) -> half-split pairs (i, i + d/2): reorder the rows of each
+    head."""
     out, dim = w.shape
     return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
 
 
 def _meta_tensors(path: Path, args: ModelArgs):
     """Merge model-parallel shards tensor by tensor (RECIPE.md sec. 7): column-parallel weights are
-    concatenated on dim 0, row-parallel ones (and Llama 2's embedding) on dim 1, norms replicated."""
+    concatenated on dim 0, row-parallel ones (and Llama 2's embedding) on dim 1, norms
+    replicated."""
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")

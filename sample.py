@@ -1,13 +1,13 @@
-"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3) and instructions (sec. 2.5).
+"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), instructions (sec. 2.5).
 
     python sample.py --ckpt out/code/hf --prompt "def fibonacci(n):"
     python sample.py --ckpt out/infill/hf --infill --prefix "def add(a, b):\n    " --suffix "\n"
     python sample.py --ckpt out/infill/hf --infill --prompt 'def f(x):\n    return <FILL>\n'
-    python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function that reverses a list"
+    python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function reversing a list"
     python sample.py --ckpt out/instruct/hf --instruct        # interactive multi-turn chat
 
-Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token per
-step reading only the new token. `generate` is also the engine of self_instruct.py and eval.py.
+Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token
+per step reading only the new token. `generate` is also the engine of self_instruct.py and eval.py.
 """
 
 import argparse
@@ -32,8 +32,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     """Sample `n` continuations of one prompt (a list of ids), batched, with a KV cache.
 
     temperature 0 is greedy. A row ends at any id in `stop_ids` (kept out of its output) or when
-    `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after every
-    step with row 0's ids so far, for streaming. Returns a list of n lists of generated ids.
+    `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after
+    every step with row 0's ids so far, for streaming. Returns a list of n lists of generated ids.
     """
     device = model.tok_embeddings.weight.device
     total = len(prompt) + max_new_tokens
@@ -80,22 +80,22 @@ def sample_next(logits, temperature, top_p, generator=None):
 
 
 def load(ckpt, dtype=None, device="cpu"):
-    """Model and tokenizer from a checkpoint folder, with the checks a user needs when they disagree."""
+    """Model and tokenizer from a checkpoint folder, checked against each other."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise SystemExit(f"error: checkpoint folder {ckpt} does not exist")
     model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(ckpt)
     if tok.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"error: {ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                         f"{model.args.vocab_size} embeddings (was the model resized after extending "
-                         "the tokenizer?)")
+        raise SystemExit(f"error: {ckpt}: the tokenizer has {tok.vocab_size} tokens but the model "
+                         f"only {model.args.vocab_size} embeddings (was the model resized after "
+                         "extending the tokenizer?)")
     return model, tok
 
 
 class Streamer:
-    """Prints text as it is generated. Decodes the whole continuation each step and prints what is new,
-    so multi-byte characters split over several tokens come out whole."""
+    """Prints text as it is generated. Decodes the whole continuation each step and prints what is
+    new, so multi-byte characters split over several tokens come out whole."""
 
     def __init__(self, decode, enabled, color=""):
         self.decode, self.enabled, self.color, self.printed = decode, enabled, color, ""

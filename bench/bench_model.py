@@ -1,17 +1,20 @@
-"""model.py and sample.py side by side with transformers (the reference), on this machine, in one run.
+"""model.py and sample.py side by side with transformers (the reference), on this machine, in one
+run.
 
     python bench/bench_model.py                 # all three measurements
     python bench/bench_model.py --only train    # or decode / load
 
 - train: tokens/s of one training step (forward, backward, AdamW) of the same config, fp32 and bf16
   autocast. Targets (issue 2): >= 1.0x transformers in fp32, >= 1.2x under bf16 autocast.
-- decode: greedy decode tokens/s of sample.generate vs transformers' generate on SmolLM2-135M-Instruct
+- decode: greedy decode tokens/s of sample.generate vs transformers' generate on
+SmolLM2-135M-Instruct
   (the real model the tests convert from its GGUF), same prompt, same number of new tokens, prefill
   excluded. Target: >= 1.3x in fp32; bf16 weights reported too.
 - load: peak resident memory of Transformer.from_pretrained relative to the weights' size on disk
   (target <= 1.2x), with transformers' figure beside it.
 
-Rounds alternate ours / theirs so that a busy machine slows both alike; we report medians and ratios.
+Rounds alternate ours / theirs so that a busy machine slows both alike; we report medians and
+ratios.
 """
 
 import argparse
@@ -46,7 +49,8 @@ def median_rates(fns, rounds):
 def bench_train(rounds, steps, batch, seq):
     import transformers
 
-    # SmolLM2-135M's shape (GQA 9/3 heads, tied embeddings) at 12 of its 30 layers, to keep a round short
+    # SmolLM2-135M's shape (GQA 9/3 heads, tied embeddings) at 12 of its 30 layers, to keep a round
+    # short
     cfg = dict(dim=576, n_layers=12, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_hidden=1536,
                tie_embeddings=True, max_seq_len=2048, norm_eps=1e-5)
     args = ModelArgs(**cfg)
@@ -92,7 +96,8 @@ def bench_train(rounds, steps, batch, seq):
         rows.append({"dtype": dtype, "ours_tok_s": rates["ours"], "hf_tok_s": rates["transformers"],
                      "ratio": rates["ours"] / rates["transformers"],
                      "ours_gflops": rates["ours"] * flops / 1e9})
-        print(f"train {dtype}: ours {rates['ours']:.0f} tok/s ({rows[-1]['ours_gflops']:.0f} GFLOP/s), "
+        print(f"train {dtype}: ours {rates['ours']:.0f} tok/s "
+              f"({rows[-1]['ours_gflops']:.0f} GFLOP/s), "
               f"transformers {rates['transformers']:.0f} tok/s, ratio {rows[-1]['ratio']:.2f}x",
               flush=True)
     return rows
@@ -172,11 +177,13 @@ def bench_load():
     row = {"disk_mb": disk / 2**20}
     for which in ["ours", "transformers"]:
         code = LOAD_SNIPPET.format(root=str(ROOT), which=which, folder=str(folder))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
         peak = int(out.stdout.strip().splitlines()[-1])
         row[f"{which}_peak_mb"] = peak / 2**20
         row[f"{which}_ratio"] = peak / disk
-    print(f"load: weights on disk {row['disk_mb']:.0f} MB; peak memory added by from_pretrained: ours "
+    print(f"load: weights on disk {row['disk_mb']:.0f} MB; peak memory added by from_pretrained: "
+          "ours "
           f"{row['ours_peak_mb']:.0f} MB ({row['ours_ratio']:.2f}x), transformers "
           f"{row['transformers_peak_mb']:.0f} MB ({row['transformers_ratio']:.2f}x)", flush=True)
     return row

