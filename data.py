@@ -13,15 +13,26 @@ Three tokenizer files are read, all behind one interface:
 Text is always encoded as plain text: a special token's name inside a code file ("<|im_start|>",
 "<PRE>", "</s>") is never turned into the special id, so data cannot forge control tokens.
 """
+import argparse
 import base64
+import contextlib
+import gzip
+import hashlib
 import json
+import multiprocessing
 import os
 import re
 import struct
+import sys
 import tempfile
+import time
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import regex  # a tiktoken dependency; has the \p{L} classes that HF's pre-tokenizers use
 
 # Code Llama's infilling pieces (RECIPE.md sec. 2, "Tokenizer details"), looked up by name.
@@ -603,3 +614,701 @@ def format_dialog(tok, messages):
     return format_chat(tok, messages)
 
 # ---- corpus ----
+# Reading sources, tokenizing them once into shards, mixing sources by weight and packing documents
+# into training sequences (Code Llama sec. 2.2, Table 1; RECIPE.md sec. 1).
+#
+# A prepared source is a folder:
+#   meta.json             inputs, settings, the tokenizer's fingerprint, totals, skip counts;
+#                         written last with "complete": true: a half-prepared folder is never used
+#   shard-00000.bin       the documents' token ids back to back, no BOS/EOS (uint16 if they fit)
+#   shard-00000.idx.npy   int64 offsets: document d of the shard is bin[idx[d]:idx[d + 1]]
+#   shard-00000.lang.npy  uint16: each document's language, an index into the shard json's list
+#   shard-00000.json      the shard's counts, written after its arrays: it marks the shard done
+# The text is not stored. `prepare` keeps a document only if decode(encode(text)) == text, so a
+# stage that works on characters (infilling splits documents at the character level, sec. 2.3) gets
+# the exact text back by decoding. SentencePiece turns the character U+2581 "▁" into a space: the
+# few files holding it (47 of the 19,433 .py files of this machine's Python 3.11 with its
+# site-packages) are skipped as "no_roundtrip".
+
+FORMAT = "codellama-shards-1"
+
+# File extension -> language recorded for each document of a source directory.
+EXTENSIONS = {
+    ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "c++", ".cpp": "c++",
+    ".cxx": "c++", ".hpp": "c++", ".hh": "c++", ".java": "java", ".js": "javascript",
+    ".mjs": "javascript", ".jsx": "javascript", ".ts": "typescript", ".tsx": "typescript",
+    ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".cs": "c#", ".swift": "swift",
+    ".kt": "kotlin", ".scala": "scala", ".sh": "shell", ".bash": "shell", ".lua": "lua",
+    ".pl": "perl", ".r": "r", ".jl": "julia", ".hs": "haskell", ".ml": "ocaml", ".sql": "sql",
+    ".html": "html", ".css": "css", ".md": "markdown", ".rst": "restructuredtext", ".tex": "tex",
+}
+# Prose has long lines by nature: the minified-code filter below does not apply to it.
+PROSE = {"", "markdown", "restructuredtext", "tex", "text"}
+
+# The filters of Codex (Chen et al. 2021, sec. 3.1), since Code Llama does not detail its "publicly
+# available, near-deduplicated" code (sec. 2.2): files over 1 MB, with a mean line length over 100
+# or a longest line over 1,000 characters (minified or generated code) are dropped. UNCONFIRMED for
+# Code Llama; flags of `prepare`.
+MAX_FILE_BYTES = 1 << 20
+MAX_LINE_CHARS = 1000
+MAX_MEAN_LINE_CHARS = 100
+
+# Encoded when a folder is prepared and again when it is trained on: the same ids mean the same
+# tokenizer (an extended one, with infilling tokens, still encodes ordinary text the same way).
+PROBE = "def f(x):\n    return [x ** 2 for x in range(10)]  # héllo, 世界\n\tTabs\r\n"
+
+
+def check_text(text: str, n_bytes: int, lang: str, settings: dict) -> str | None:
+    """The reason to skip a decoded document, or None to keep it."""
+    if n_bytes > settings["max_file_bytes"]:
+        return "too_large"
+    if not text.strip():
+        return "empty"
+    if lang not in PROSE:
+        lengths = [len(line) for line in text.splitlines()]
+        if max(lengths) > settings["max_line_chars"] or \
+                sum(lengths) / len(lengths) > settings["max_mean_line_chars"]:
+            return "minified"
+    return None
+
+
+def check_bytes(raw: bytes, lang: str, settings: dict):
+    """(text, language, skip reason) of a file's bytes."""
+    if len(raw) > settings["max_file_bytes"]:
+        return None, lang, "too_large"
+    if b"\0" in raw[:8192]:  # git's test for binary content
+        return None, lang, "binary"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, lang, "invalid_utf8"
+    return text, lang, check_text(text, len(raw), lang, settings)
+
+
+def _record_text(record, fields) -> tuple[str | None, str]:
+    """(text, language) of a JSON / Parquet record; text None when no field holds a string."""
+    if not isinstance(record, dict):
+        return None, ""
+    text = next((record[f] for f in fields if isinstance(record.get(f), str)), None)
+    lang = record.get("lang", record.get("language"))
+    return text, (lang.lower() if isinstance(lang, str) else "")
+
+
+def _check_record(text, lang, settings):
+    """(text, language, skip reason) of a JSON / Parquet record's text."""
+    if text is None:
+        return None, lang, "no_text_field"
+    try:
+        n_bytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate written as a JSON escape ("\ud800")
+        return None, lang, "invalid_utf8"
+    return text, lang, check_text(text, n_bytes, lang, settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Work units: what one worker reads into one shard. Listed once, in a fixed order, so re-running
+# `prepare` maps the same inputs to the same shards and can skip the finished ones.
+
+
+def list_units(inputs, settings) -> list[dict]:
+    units, target = [], max(1, int(settings["shard_mb"] * 2**20))
+    for path in map(Path, inputs):
+        name = path.name.lower()
+        if not path.exists():
+            raise FileNotFoundError(f"data source {path} does not exist")
+        if path.is_dir():
+            files = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .venv, ...
+                for n in sorted(names):
+                    lang = settings["extensions"].get(os.path.splitext(n)[1].lower())
+                    if lang is not None:
+                        f = os.path.join(root, n)
+                        files.append((f, lang, os.path.getsize(f) if os.path.isfile(f) else 0))
+            if not files:
+                raise ValueError(f"data source {path}: no files with a known extension ("
+                                 f"{' '.join(sorted(settings['extensions']))})")
+            group, size = [], 0
+            for f, lang, n_bytes in files:
+                group.append((f, lang))
+                size += min(n_bytes, settings["max_file_bytes"])
+                if size >= target:
+                    units.append({"kind": "files", "files": group})
+                    group, size = [], 0
+            if group:
+                units.append({"kind": "files", "files": group})
+        elif name.endswith(".jsonl"):
+            # Byte ranges: a unit reads the lines that start inside its range, so one big file is
+            # still tokenized by several workers.
+            size = path.stat().st_size
+            for start in range(0, max(size, 1), target):
+                units.append({"kind": "jsonl", "path": str(path), "start": start,
+                              "end": min(start + target, size)})
+        elif name.endswith(".jsonl.gz"):
+            units.append({"kind": "jsonl.gz", "path": str(path)})  # gzip cannot seek: one unit
+        elif name.endswith(".parquet"):
+            pq = _pyarrow_parquet()
+            meta = pq.ParquetFile(path).metadata
+            group, size = [], 0
+            for rg in range(meta.num_row_groups):
+                group.append(rg)
+                size += meta.row_group(rg).total_byte_size
+                if size >= target:
+                    units.append({"kind": "parquet", "path": str(path), "row_groups": group})
+                    group, size = [], 0
+            if group or not units:
+                units.append({"kind": "parquet", "path": str(path), "row_groups": group})
+        else:
+            raise ValueError(f"data source {path}: expected a directory of source files, a .jsonl, "
+                             ".jsonl.gz or .parquet file, or a folder made by `data.py prepare`")
+    return units
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def read_unit(unit, settings):
+    """Yield (text, language, skip reason, location) for every document of a unit; a reason of None
+    means the document is kept."""
+    fields = settings["text_fields"]
+    if unit["kind"] == "files":
+        for f, lang in unit["files"]:
+            try:
+                if os.path.getsize(f) > settings["max_file_bytes"]:  # never read a huge file
+                    yield None, lang, "too_large", f
+                    continue
+                with open(f, "rb") as fh:
+                    raw = fh.read()
+            except OSError:  # a broken symlink, a file removed meanwhile, no permission
+                yield None, lang, "unreadable", f
+                continue
+            yield *check_bytes(raw, lang, settings), f
+    elif unit["kind"] in ("jsonl", "jsonl.gz"):
+        gz = unit["kind"] == "jsonl.gz"
+        start, end = unit.get("start", 0), unit.get("end", float("inf"))
+        with (gzip.open if gz else open)(unit["path"], "rb") as fh:
+            if start > 0:
+                fh.seek(start - 1)
+                fh.readline()  # the line that began in the previous unit is that unit's
+            while (at := fh.tell()) < end:
+                line = fh.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                where = f"{unit['path']} (byte {at})"
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    yield None, "", "invalid_utf8", where
+                    continue
+                except json.JSONDecodeError:
+                    yield None, "", "bad_json", where
+                    continue
+                text, lang = _record_text(record, fields)
+                yield *_check_record(text, lang, settings), where
+    elif unit["row_groups"]:
+        pq = _pyarrow_parquet()
+        f = pq.ParquetFile(unit["path"])
+        names = set(f.schema_arrow.names)
+        columns = [c for c in (*fields, "lang", "language") if c in names]
+        for rg in unit["row_groups"]:
+            for record in f.read_row_group(rg, columns=columns).to_pylist():
+                text, lang = _record_text(record, fields)
+                yield *_check_record(text, lang, settings), f"{unit['path']} (row group {rg})"
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare: tokenize once, in parallel over processes
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _write_atomic(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+_worker_tokenizers = {}  # one tokenizer per worker process, loaded on its first unit
+
+
+def _tokenize_unit(job):
+    """Worker: read one unit, tokenize it and write its shard. Returns the shard's counts."""
+    index, unit, out, tokenizer_path, settings = job
+    if tokenizer_path not in _worker_tokenizers:
+        _worker_tokenizers[tokenizer_path] = Tokenizer.from_pretrained(tokenizer_path)
+    tok = _worker_tokenizers[tokenizer_path]
+    dtype = token_dtype(tok.vocab_size)
+    parts, offsets, langs, names, skipped, examples = [], [0], [], {}, {}, {}
+    for text, lang, reason, where in read_unit(unit, settings):
+        if reason is None:
+            ids = tok.encode(text, bos=False, eos=False)
+            if tok.decode(ids) != text:
+                reason = "no_roundtrip"
+        if reason is not None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            if len(examples.setdefault(reason, [])) < 3:
+                examples[reason].append(where)
+            continue
+        parts.append(np.asarray(ids, dtype=dtype))
+        offsets.append(offsets[-1] + len(ids))
+        langs.append(names.setdefault(lang, len(names)))
+    base = Path(out) / f"shard-{index:05d}"
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    _write_atomic(base.with_suffix(".bin"), tokens.tofile)
+    for suffix, array in ((".idx.npy", np.asarray(offsets, np.int64)),
+                          (".lang.npy", np.asarray(langs, np.uint16))):
+        _write_atomic(base.with_name(base.name + suffix), lambda p, a=array: _save_npy(p, a))
+    stats = {"documents": len(langs), "tokens": int(offsets[-1]), "skipped": skipped,
+             "examples": examples, "languages": list(names),
+             "language_documents": np.bincount(np.asarray(langs, np.int64),
+                                               minlength=len(names)).tolist()}
+    _write_atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(stats)))
+    return stats
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as f:  # a file object, so np.save does not append ".npy" to the tmp name
+        np.save(f, array)
+
+
+def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=None,
+            text_fields=("content", "text"), max_file_bytes=MAX_FILE_BYTES,
+            max_line_chars=MAX_LINE_CHARS, max_mean_line_chars=MAX_MEAN_LINE_CHARS,
+            progress=True) -> dict:
+    """Tokenize `inputs` (source directories, .jsonl/.jsonl.gz/.parquet files) into shards in `out`,
+    one work unit per shard, `workers` processes at a time. Returns meta.json's content.
+
+    Re-running with the same inputs and settings skips the shards already written. Other inputs or
+    settings (or input files changed since) in a folder that holds shards are an error, never a
+    silent mix.
+    """
+    out = Path(out)
+    tok = Tokenizer.from_pretrained(tokenizer_path)
+    settings = dict(shard_mb=shard_mb, extensions=extensions or EXTENSIONS,
+                    text_fields=list(text_fields), max_file_bytes=max_file_bytes,
+                    max_line_chars=max_line_chars, max_mean_line_chars=max_mean_line_chars)
+    inputs = [str(Path(p).resolve()) for p in inputs]
+    units = list_units(inputs, settings)
+    header = {"format": FORMAT, "inputs": inputs, "settings": settings,
+              "plan": hashlib.sha256(json.dumps(units).encode()).hexdigest(),
+              "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+              "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
+              "probe": tok.encode(PROBE, bos=False, eos=False), "complete": False}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if any(old.get(k) != v for k, v in header.items() if k != "complete"):
+            raise ValueError(f"{out} holds data prepared from other inputs, settings or tokenizer "
+                             "(or the input files changed since): use another folder")
+        if old.get("complete"):
+            return old
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(meta_path, lambda p: p.write_text(json.dumps(header, indent=1)))
+
+    done = [i for i in range(len(units)) if (out / f"shard-{i:05d}.json").exists()]
+    todo = [(i, u, str(out), str(tokenizer_path), settings)
+            for i, u in enumerate(units) if i not in set(done)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    if done and progress:
+        print(f"prepare: {len(done)} of {len(units)} shards already done", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            results = map(_tokenize_unit, todo)
+        else:  # spawn, not fork: the caller may be a training process with threads (gloo, OpenMP)
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            results = pool.imap_unordered(_tokenize_unit, todo)
+        t0, n_docs, n_tokens = time.time(), 0, 0
+        for k, stats in enumerate(results, 1):
+            n_docs, n_tokens = n_docs + stats["documents"], n_tokens + stats["tokens"]
+            if progress:
+                elapsed = time.time() - t0
+                print(f"\rprepare: {len(done) + k}/{len(units)} shards | {n_docs:,} documents | "
+                      f"{n_tokens:,} tokens | {n_tokens / elapsed:,.0f} tokens/s | "
+                      f"{(len(todo) - k) * elapsed / k:.0f}s left ", end="", file=sys.stderr,
+                      flush=True)
+    if progress and todo:
+        print(file=sys.stderr)
+
+    shards, skipped, examples, languages = [], {}, {}, {}
+    for i in range(len(units)):
+        s = json.loads((out / f"shard-{i:05d}.json").read_text())
+        shards.append({"documents": s["documents"], "tokens": s["tokens"]})
+        for reason, n in s["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+            examples[reason] = (examples.get(reason, []) + s["examples"][reason])[:3]
+        for lang, n in zip(s["languages"], s["language_documents"]):
+            languages[lang] = languages.get(lang, 0) + n
+    meta = {**header, "complete": True, "shards": shards,
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards), "skipped": skipped,
+            "skipped_examples": examples, "languages": languages}
+    _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    return meta
+
+
+def summary(meta: dict) -> str:
+    skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(meta["skipped"].items())) or "none"
+    langs = ", ".join(f"{k or '?'} {v:,}" for k, v in sorted(meta["languages"].items(),
+                                                            key=lambda kv: -kv[1])[:8])
+    return (f"{meta['documents']:,} documents, {meta['tokens']:,} tokens in "
+            f"{len(meta['shards'])} shards ({meta['dtype']}); skipped: {skipped}; "
+            f"languages: {langs or 'none'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading prepared folders
+
+
+def is_prepared(path) -> bool:
+    meta = Path(path) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
+
+
+@dataclass
+class Document:
+    """One document as a stage's transform sees it: token ids without BOS/EOS, its language, and its
+    exact text (decoded on first use; `prepare` checked that decoding gives the text back)."""
+    tokens: np.ndarray
+    lang: str
+    decode: Callable = field(repr=False)
+
+    @cached_property
+    def text(self) -> str:
+        return self.decode(self.tokens.tolist())
+
+
+class Corpus:
+    """A folder written by `prepare`. Token ids stay on disk (memory maps); only the document
+    offsets (8 bytes per document) are read up front."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path}: no meta.json, not a folder made by "
+                                    "`data.py prepare`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or not self.meta.get("complete"):
+            raise ValueError(f"{meta_path}: not a complete prepared folder (format "
+                             f"{self.meta.get('format')!r}, complete {self.meta.get('complete')}); "
+                             "re-run `data.py prepare` to finish it")
+        self.dtype = np.dtype(self.meta["dtype"])
+        n = len(self.meta["shards"])
+        self.offsets = [np.load(self.path / f"shard-{i:05d}.idx.npy") for i in range(n)]
+        self.langs = [np.load(self.path / f"shard-{i:05d}.lang.npy") for i in range(n)]
+        self.lang_names = [json.loads((self.path / f"shard-{i:05d}.json").read_text())["languages"]
+                           for i in range(n)]
+        self.first_doc = np.cumsum([0] + [len(o) - 1 for o in self.offsets])
+        self.n_docs, self.n_tokens = int(self.first_doc[-1]), int(self.meta["tokens"])
+        self._maps = [None] * n
+
+    def check_tokenizer(self, tok):
+        if tok.encode(PROBE, bos=False, eos=False) != self.meta["probe"] or \
+                tok.vocab_size < self.meta["vocab_size"]:
+            raise ValueError(f"{self.path} was prepared with another tokenizer (vocab "
+                             f"{self.meta['vocab_size']}, this one {tok.vocab_size}, or different "
+                             "ids for the same text): prepare it again with this tokenizer")
+
+    def tokens(self, d: int) -> np.ndarray:
+        s = int(np.searchsorted(self.first_doc, d, side="right")) - 1
+        if self._maps[s] is None:
+            self._maps[s] = np.memmap(self.path / f"shard-{s:05d}.bin", dtype=self.dtype, mode="r")
+        o = self.offsets[s]
+        i = d - self.first_doc[s]
+        return self._maps[s][o[i]:o[i + 1]]
+
+    def lang(self, d: int) -> str:
+        s = int(np.searchsorted(self.first_doc, d, side="right")) - 1
+        return self.lang_names[s][self.langs[s][d - self.first_doc[s]]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixtures and packing
+#
+# The global batch of step k has `rows` sequences of seq_len + 1 tokens. Row g is fed by its own
+# streams, one per source: stream (g, s) reads positions g, g + rows, g + 2 * rows, ... of source
+# s's document order, an endless run of epochs, each a fresh permutation seeded by (seed, s, epoch).
+# Which source row g draws from at step k is seeded by (seed, k). So every row, and the whole global
+# batch, is a pure function of (data, seed, step): a rank computes only its own rows, the same
+# whatever the number of ranks, and the loader's state is two integers per (row, source): documents
+# finished, and tokens taken from the current one. A resume re-reads only the documents in progress
+# (LESSONS.md item 7).
+#
+# Documents are packed back to back, BOS/EOS marking the boundaries; attention crosses them, as
+# neither [P] nor [L2] mentions a block-diagonal mask (model.py has none; LESSONS.md item 8).
+
+IGNORE = -100  # the target of a position whose loss is masked (F.cross_entropy's ignore_index)
+_MIX, _PERM, _DOC, _EVAL, _HOLDOUT = range(5)  # seed-sequence tags keep the random streams apart
+
+
+def bos_eos(tok):
+    """The plain transform: each document as BOS + tokens + EOS, every token a target (sec. 2.2)."""
+    bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
+
+    def transform(doc: Document, rng):
+        return np.concatenate([bos, doc.tokens, eos]), None
+    return transform
+
+
+class Batches:
+    """The training stream over a mixture of prepared sources.
+
+    `transform(doc, rng) -> (ids, mask)` renders one document (default: `bos_eos(tok)`); mask (bool
+    per id, or None for all True) marks the ids that are targets. `rng` is seeded by the document's
+    position in the stream, so a transform's choices (such as infilling split points) are the same
+    after a resume. `row_range` is this rank's share of the rows. Each source keeps up to
+    `eval_docs` documents (at most a tenth) out of training, for the held-out loss.
+    """
+
+    def __init__(self, corpora, weights, seq_len, rows, seed, tok, transform=None, row_range=None,
+                 eval_docs=64):
+        if not corpora or len(weights) != len(corpora) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"need one non-negative weight per source, got {weights}")
+        for c in corpora:
+            c.check_tokenizer(tok)
+        self.corpora, self.seq_len, self.rows, self.seed = corpora, seq_len, rows, seed
+        self.weights = np.asarray(weights, np.float64) / sum(weights)
+        self.transform, self.decode = transform or bos_eos(tok), tok.decode
+        self.row_range = row_range or range(rows)
+        self.train_ids, self.eval_ids = [], []
+        for s, c in enumerate(corpora):
+            n_eval = min(eval_docs, c.n_docs // 10)
+            held = np.random.default_rng([_HOLDOUT]).choice(c.n_docs, n_eval, replace=False)
+            held.sort()
+            keep = np.ones(c.n_docs, bool)
+            keep[held] = False
+            self.train_ids.append(np.flatnonzero(keep))
+            self.eval_ids.append(held)
+            if not len(self.train_ids[-1]):
+                raise ValueError(f"{c.path}: no documents to train on")
+        self.step = 0
+        self.drawn = [0] * len(corpora)  # sequences taken from each source so far (all rows)
+        self.pos = {g: [[0, 0] for _ in corpora] for g in self.row_range}
+        self._perms, self._rendered = {}, {}
+
+    # -- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "drawn": list(self.drawn),
+                "pos": {str(g): [list(p) for p in self.pos[g]] for g in self.row_range}}
+
+    def load_state_dict(self, state: dict):
+        missing = [g for g in self.row_range if str(g) not in state["pos"]]
+        if missing or len(state["drawn"]) != len(self.corpora):
+            raise ValueError("saved data position does not match this mixture (rows "
+                             f"{missing[:3]}..., {len(state['drawn'])} sources)")
+        self.step, self.drawn = state["step"], list(state["drawn"])
+        self.pos = {g: [list(p) for p in state["pos"][str(g)]] for g in self.row_range}
+        self._rendered = {}
+
+    def epochs(self) -> list[float]:
+        """How many times each source has been seen: the "Epochs" column of Table 1 in [P]."""
+        return [d * self.seq_len / max(c.n_tokens, 1) for d, c in zip(self.drawn, self.corpora)]
+
+    # -- documents
+    def _doc_at(self, s: int, i: int):
+        """The document at position i of source s's endless stream, and its transform's rng."""
+        ids = self.train_ids[s]
+        epoch, j = divmod(i, len(ids))
+        if (s, epoch) not in self._perms:
+            if len(self._perms) >= 4 * len(self.corpora):  # rows straddle at most two epochs
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[s, epoch] = np.random.default_rng([self.seed, _PERM, s, epoch]).permutation(
+                len(ids))
+        d = int(ids[self._perms[s, epoch][j]])
+        return d, np.random.default_rng([self.seed, _DOC, s, i])
+
+    def _render(self, s, d, rng):
+        c = self.corpora[s]
+        ids, mask = self.transform(Document(c.tokens(d), c.lang(d), self.decode), rng)
+        ids = np.asarray(ids, np.int64)
+        mask = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
+        if len(mask) != len(ids):
+            raise ValueError(f"transform returned {len(ids)} ids but a mask of {len(mask)}")
+        return ids, mask
+
+    def _stream_doc(self, g, s, k):
+        key = (g, s)
+        if key not in self._rendered or self._rendered[key][0] != k:
+            d, rng = self._doc_at(s, g + k * self.rows)
+            self._rendered[key] = (k, *self._render(s, d, rng))
+        return self._rendered[key][1:]
+
+    def _read(self, g, s, k, off, n):
+        """n ids and mask bits from stream (g, s) starting at document k, offset off; and where the
+        stream stands after them."""
+        ids, mask = [], []
+        empty = 0
+        while n > 0:
+            doc_ids, doc_mask = self._stream_doc(g, s, k)
+            take = doc_ids[off:off + n]
+            ids.append(take)
+            mask.append(doc_mask[off:off + n])
+            n -= len(take)
+            off += len(take)
+            if off >= len(doc_ids):
+                k, off = k + 1, 0
+                empty = empty + 1 if not len(doc_ids) else 0
+                if empty > 1000:
+                    raise ValueError(f"{self.corpora[s].path}: the transform gives empty documents")
+        return np.concatenate(ids), np.concatenate(mask), k, off
+
+    def next(self):
+        """This rank's rows of the next global batch: int64 inputs and targets (rows, seq_len); a
+        target is IGNORE where the transform masked it."""
+        L = self.seq_len
+        source = np.random.default_rng([self.seed, _MIX, self.step]).choice(
+            len(self.corpora), size=self.rows, p=self.weights)
+        xs, ys = [], []
+        for g in self.row_range:
+            s = int(source[g])
+            k, off = self.pos[g][s]
+            # seq_len + 1 ids give seq_len (input, target) pairs; the next sequence starts at the
+            # last id of this one, so every id but a stream's first is a target exactly once.
+            ids, mask, k, off = self._read(g, s, k, off, L)
+            last, last_mask, _, _ = self._read(g, s, k, off, 1)
+            self.pos[g][s] = [k, off]
+            ids, mask = np.concatenate([ids, last]), np.concatenate([mask, last_mask])
+            xs.append(ids[:-1])
+            ys.append(np.where(mask[1:], ids[1:], IGNORE))
+        for s in range(len(self.corpora)):
+            self.drawn[s] += int((source == s).sum())
+        self.step += 1
+        return np.stack(xs), np.stack(ys)
+
+    def held_out(self, n_seqs: int) -> list:
+        """Up to n_seqs fixed sequences per source from its held-out documents, packed in order:
+        [(source index, inputs, targets)], the same on every rank."""
+        L, sets = self.seq_len, []
+        for s, c in enumerate(self.corpora):
+            ids, mask = [], []
+            for d in self.eval_ids[s]:
+                doc_ids, doc_mask = self._render(s, int(d), np.random.default_rng(
+                    [self.seed, _EVAL, s, int(d)]))
+                ids.append(doc_ids)
+                mask.append(doc_mask)
+            if not ids:
+                continue
+            ids, mask = np.concatenate(ids), np.concatenate(mask)
+            n = min(n_seqs, (len(ids) - 1) // L)
+            if n == 0:
+                continue
+            x = np.stack([ids[i * L:(i + 1) * L] for i in range(n)])
+            y = np.stack([np.where(mask[i * L + 1:(i + 1) * L + 1], ids[i * L + 1:(i + 1) * L + 1],
+                                   IGNORE) for i in range(n)])
+            sets.append((s, x, y))
+        return sets
+
+
+# --------------------------------------------------------------------------------------------------
+# Fill-in-the-middle (Code Llama sec. 2.3; RECIPE.md sec. 2)
+#
+# A document is cut at two character positions into prefix / middle / suffix and rearranged so that
+# the middle comes last: the model, trained left to right, learns to write a middle given both
+# sides. The example starts exactly as `format_infill`'s prompt for the same cut (BOS when the
+# tokenizer's prompts have one, which Code Llama's inference does; whether its FIM training did is
+# UNCONFIRMED), so what the model sees at inference is what it was trained on (LESSONS.md item 1).
+# It ends with <EOT>, which is always a target ([FIM] sec. 3: the model must learn to stop), then
+# EOS, so that every document in the packed stream still ends as `bos_eos` ends it and the next
+# document's BOS follows an EOS whatever the transform did. Every id is a target ([FIM] keeps the
+# loss on all three parts; Code Llama is silent).
+#
+# "Only documents that are not cut across several model contexts": here documents are packed into
+# a stream with no alignment to context starts, so where a document lands depends on everything
+# before it in its stream. The one property of the document itself is whether it can lie in one
+# context at all: its plain rendering (BOS + tokens + EOS) fits in seq_len tokens. Longer documents
+# are always cut, would lose their sentinels or their middle to the next context, and are rendered
+# plainly. This keeps the choice a function of (seed, document, stream position) alone, so a resume
+# makes the same choices (Batches seeds `rng` by position; a document gets new cuts each epoch).
+
+
+def fim_example(tok, prefix, middle, suffix, suffix_first=False):
+    """The ids of one infilling training example (RECIPE.md sec. 2, "Layouts"):
+    PSM: [BOS, ▁<PRE>] + enc(prefix) + [▁<SUF>] + enc_infilling(suffix) + [▁<MID>]
+         + enc_infilling(middle) + [▁<EOT>, EOS]
+    SPM: [BOS, ▁<PRE>, ▁<SUF>] + enc_infilling(suffix) + [▁<MID>] + enc(prefix + middle)
+         + [▁<EOT>, EOS]
+    BOS is there when `format_infill` puts it (tok.add_bos). SPM is [FIM] App. D's "compatible"
+    variant: PSM with an empty prefix, then prefix and middle encoded as one text (sec. 2.3), so
+    SPM never shows a token split at the prefix/middle boundary (App. E), and an SPM prompt
+    (`format_infill(suffix_first=True)`) continues a prefix encoded as in training."""
+    if suffix_first:
+        ids = format_infill(tok, "", suffix, suffix_first=True) + tok.encode(prefix + middle)
+    else:
+        ids = format_infill(tok, prefix, suffix) + tok.encode_infilling(middle)
+    return ids + [tok.eot_id, tok.eos_id]
+
+
+def fim(tok, seq_len, rate=0.9, spm_rate=0.5):
+    """The FIM transform for Batches: with probability `rate` a document that fits in one context
+    becomes an infilling example, PSM or SPM (SPM with probability `spm_rate`; the paper: 0.9 and
+    half and half, sec. 2.3); otherwise it is rendered as `bos_eos` does."""
+    if not 0 <= rate <= 1 or not 0 <= spm_rate <= 1:
+        raise ValueError(f"FIM rate {rate} and SPM rate {spm_rate} must lie in [0, 1]")
+    format_infill(tok, "", "")  # a tokenizer without the infilling pieces fails here, clearly
+    plain = bos_eos(tok)
+
+    def transform(doc: Document, rng):
+        ids, mask = plain(doc, rng)
+        u_fim, u_spm = rng.random(2)
+        if len(ids) > seq_len or u_fim >= rate:
+            return ids, mask
+        text = doc.text  # decoded only for the documents that are transformed
+        # Two cut points, independent and uniform over the characters (sec. 2.3), then sorted.
+        a, b = sorted(int(c) for c in rng.integers(0, len(text) + 1, 2))
+        return np.array(fim_example(tok, text[:a], text[a:b], text[b:], u_spm < spm_rate)), None
+    return transform
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize a data source once, into shards for training")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prepare", help="tokenize source files / JSONL / Parquet into shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--data", nargs="+", required=True,
+                   help="directories of source files, .jsonl(.gz) or .parquet files: one source")
+    q.add_argument("--tokenizer", required=True, help="tokenizer file or checkpoint folder")
+    q.add_argument("--out", required=True, help="folder for the shards")
+    q.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes")
+    q.add_argument("--shard-mb", type=float, default=256, help="input megabytes per shard")
+    q.add_argument("--ext", default=None,
+                   help="comma-separated extensions to read from directories, e.g. py,pyi for "
+                        "Python only; None: all in data.EXTENSIONS")
+    q.add_argument("--text-field", nargs="+", default=["content", "text"],
+                   help="JSONL/Parquet fields holding the text, the first present is used")
+    q.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
+    q.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
+    q.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    args = p.parse_args(argv)
+    extensions = None
+    if args.ext:
+        wanted = {"." + e.strip().lstrip(".").lower() for e in args.ext.split(",")}
+        unknown = wanted - set(EXTENSIONS)
+        if unknown:
+            p.error(f"--ext: unknown extension(s) {', '.join(sorted(unknown))}")
+        extensions = {e: lang for e, lang in EXTENSIONS.items() if e in wanted}
+    t0 = time.time()
+    try:
+        meta = prepare(args.data, args.tokenizer, args.out, workers=args.workers,
+                       shard_mb=args.shard_mb, extensions=extensions, text_fields=args.text_field,
+                       max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
+                       max_mean_line_chars=args.max_mean_line_chars)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.out}: {summary(meta)} ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""train.py through train_code.py, end to end on CPU: FSDP over two processes gives one process's
+losses, a killed run resumes to the losses of an uninterrupted one (killed mid-way or while writing
+a checkpoint), the tiny preset learns from the standard library and its export loads in
+transformers, and bad input stops with a clear message."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import train
+from data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(os.__file__).parent
+EMAIL = STDLIB / "email"  # 30-odd real Python files, 0.4 MB
+STEPS = 10
+# One OpenMP thread per training process (torchrun does the same): on a busy 2-core machine two
+# threads keep waiting for each other, which made these runs 3x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A 1,024-piece SentencePiece BPE trained on the data in a fraction of a second, Llama-style
+    (byte fallback, digits split, no normalization): the tiny preset then has 3.5M parameters rather
+    than 19M with Llama 2's 32,000 pieces, which keeps these end-to-end runs fast."""
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    lines = [l for f in sorted(EMAIL.rglob("*.py")) for l in f.read_text().splitlines()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=1024,
+        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def flags(tokenizer):
+    """tiny preset, 8 sequences of 64 tokens per step, checkpoints at steps 4, 8 and 10."""
+    return ["--init", "tiny", "--tokenizer", str(tokenizer), "--seq-len", "64",
+            "--batch-tokens", "512", "--micro-batch", "4", "--lr", "2e-3", "--warmup", "3",
+            "--dtype", "fp32", "--ckpt-every", "4", "--eval-every", "5", "--eval-seqs", "4"]
+
+
+def command(flags, data, out, *extra, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "train_code.py", *flags, "--data", str(data), "--out", str(out),
+            "--steps", str(STEPS), *extra]
+
+
+def run(cmd):
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("data") / "email"
+    prepare([EMAIL], tokenizer, folder, extensions={".py": "python"}, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_out(flags, data, tmp_path_factory):
+    """The uninterrupted one-process run the others are compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    run(command(flags, data, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_out):
+    return metrics(reference_out)
+
+
+def test_schedule():
+    args = train.parser(steps=100, seq_len=64, batch_tokens=64, lr=3e-4).parse_args(
+        ["--init", "tiny", "--data", "x", "--out", "y", "--warmup", "10"])
+    assert train.lr_at(1, args) == pytest.approx(3e-5)
+    assert train.lr_at(10, args) == pytest.approx(3e-4)
+    assert train.lr_at(100, args) == pytest.approx(1e-5)  # 1/30 of the peak (sec. 2.6)
+    lrs = [train.lr_at(s, args) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert (args.beta1, args.beta2, args.eps, args.weight_decay, args.grad_clip) == (
+        0.9, 0.95, 1e-5, 0.1, 1.0)
+
+
+def test_reference_run_logs_metrics(reference):
+    assert [m["step"] for m in reference] == list(range(1, STEPS + 1))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"} <= set(m)
+               for m in reference)
+    assert [m["step"] for m in reference if "eval_loss/email" in m] == [5, 10]
+
+
+def test_init_from_a_previous_stage_grows_the_vocabulary_and_sets_the_rope_base(reference_out,
+                                                                                  tmp_path):
+    """--init OUT of a finished run loads its hf/ export; a stage that adds tokens (infilling, sec.
+    2.3) gets new embedding rows at the mean row; --base replaces the RoPE theta (sec. 2.4)."""
+    from data import Tokenizer, extend_tokenizer
+    from model import Transformer
+
+    hf = reference_out / "hf"
+    tok = Tokenizer.from_pretrained(extend_tokenizer(hf / "tokenizer.model",
+                                                     tmp_path / "tokenizer.model"))
+    args = train.parser(steps=1, seq_len=64, batch_tokens=64, lr=1e-4).parse_args(
+        ["--init", str(reference_out), "--data", "x", "--out", str(tmp_path), "--base", "1e6"])
+    d = train.Dist(rank=0, world=1, device=torch.device("cpu"), mesh=None)
+    model = train.build_model(args, tok, d, resuming=False)
+    old = Transformer.from_pretrained(hf)
+    n = old.args.vocab_size
+    assert model.args.vocab_size == tok.vocab_size > n and model.args.rope_theta == 1e6
+    for name, p in old.named_parameters():
+        grown = dict(model.named_parameters())[name]
+        assert torch.equal(grown[:n] if grown.shape != p.shape else grown, p), name
+    emb = model.tok_embeddings.weight
+    assert torch.allclose(emb[n:], emb[:n].mean(0, keepdim=True).expand(tok.vocab_size - n, -1))
+
+
+def test_two_processes_match_one(flags, reference, data, tmp_path):
+    r = run(command(flags, data, tmp_path, nproc=2))
+    assert "2 process(es)" in r.stdout
+    two = metrics(tmp_path)
+    assert len(two) == STEPS
+    for a, b in zip(reference, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert abs(reference[-1]["eval_loss/email"] - two[-1]["eval_loss/email"]) < 1e-4
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-0000004", "step-0000008", "step-0000010"]
+
+
+def wait_for(proc, condition, what, every=0.005):
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read()[-2000:]}")
+        time.sleep(every)
+
+
+def test_sigkill_mid_run_resumes_to_the_same_losses(flags, reference, data, tmp_path):
+    proc = subprocess.Popen(command(flags, data, tmp_path), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metrics.jsonl"
+    wait_for(proc, lambda: log.exists() and log.read_bytes().count(b"\n") >= 6, "step 6", 0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics(tmp_path)) < STEPS
+    r = run(command(flags, data, tmp_path))
+    assert "resumed from" in r.stdout
+    assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(flags, reference, data,
+                                                                        tmp_path):
+    ckpt = tmp_path / "ckpt"
+    writing = lambda: (ckpt / "step-0000004").exists() and any(ckpt.glob(".tmp-*"))  # noqa
+    for attempt in range(3):  # a kill may land just after the rename: then try again
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        proc = subprocess.Popen(command(flags, data, tmp_path), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(proc, writing, "the second checkpoint")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial = list(ckpt.glob(".tmp-*"))
+        if partial:
+            break
+    else:
+        pytest.fail("never killed the run while it was writing a checkpoint")
+    assert partial[0].name == ".tmp-step-0000008" and not (ckpt / "step-0000008").exists()
+    r = run(command(flags, data, tmp_path))
+    assert "resumed from" in r.stdout and "step-0000004 (step 4)" in r.stdout
+    assert not list(ckpt.glob(".tmp-*"))
+    assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+
+
+def test_stdlib_training_lowers_the_loss_and_exports_for_transformers(flags, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from data import Tokenizer
+    from model import Transformer
+
+    # a raw directory of real Python files: the run tokenizes it into OUT/data itself
+    run([sys.executable, "train_code.py", *flags, "--data", str(EMAIL), "--out", str(tmp_path),
+         "--steps", "150", "--lr", "3e-3", "--warmup", "15", "--micro-batch", "8",
+         "--ckpt-every", "150", "--eval-every", "75"])
+    rows = metrics(tmp_path)
+    start, end = rows[0]["loss"], sum(m["loss"] for m in rows[-10:]) / 10
+    assert start > 6.5 and end < start - 2, (start, end)  # ln(1024) = 6.9 at the start
+    assert rows[-1]["eval_loss/email"] < rows[74]["eval_loss/email"] < start - 1
+    assert (tmp_path / "data").is_dir() and (tmp_path / "hf" / "tokenizer.model").is_file()
+    ours = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf",
+                                                           torch_dtype=torch.float32).eval()
+    tok = Tokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok.encode((EMAIL / "utils.py").read_text()[:400], bos=True)])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(flags, data, tmp_path):
+    r = subprocess.run(command(flags, data, tmp_path, "--lr", "1e30", "--ckpt-every", "1"),
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    message = r.stderr.strip().splitlines()[-1]
+    assert "not finite" in message and message.startswith("step ")
+    step = int(message.split()[1].rstrip(":"))
+    last = train.complete_checkpoints(tmp_path)
+    assert last and last[-1].name == f"step-{step - 1:07d}" and f"{last[-1]}" in message
+
+
+@pytest.mark.parametrize("source, message", [("missing", "does not exist"),
+                                             ("empty", "no files with a known extension")])
+def test_bad_data_is_a_clear_error(flags, tmp_path, source, message):
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "train_code.py", *flags, "--data", str(tmp_path / source),
+                        "--out", str(tmp_path / "out"), "--steps", "2"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert message in r.stderr and "Traceback" not in r.stderr
