@@ -1,8 +1,9 @@
-"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), instructions (sec. 2.5).
+r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), instructions (2.5).
 
     python sample.py --ckpt out/code/hf --prompt "def fibonacci(n):"
-    python sample.py --ckpt out/infill/hf --infill --prefix "def add(a, b):\n    " --suffix "\n"
-    python sample.py --ckpt out/infill/hf --infill --prompt 'def f(x):\n    return <FILL>\n'
+    python sample.py --ckpt out/infill/hf --infill      # the built-in demo: a docstring to fill
+    python sample.py --ckpt out/infill/hf --infill --prefix $'def add(a, b):\n    ' --suffix $'\n'
+    python sample.py --ckpt out/infill/hf --infill --spm --prompt $'def f(x):\n    return <FILL>\n'
     python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function reversing a list"
     python sample.py --ckpt out/instruct/hf --instruct        # interactive multi-turn chat
 
@@ -166,6 +167,9 @@ def main(argv=None):
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
 
     if args.infill:
+        if (args.prefix is not None or args.suffix is not None) and args.prompt is not None:
+            raise SystemExit("error: --infill takes --prefix/--suffix or a --prompt holding "
+                             "<FILL>, not both")
         if args.prefix is not None or args.suffix is not None:
             prefix, suffix = args.prefix or "", args.suffix or ""
         elif args.prompt is not None:

@@ -1,0 +1,271 @@
+"""The infilling stage (Code Llama sec. 2.3, issue 4): the FIM transform's statistics and exact
+text, training examples that start exactly as the inference prompts, a resumable FIM stream, the
+extension of a Llama 2 model to Code Llama's 32,016 ids by train_infill.py, and sample.py
+--infill."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from data import (IGNORE, Batches, Corpus, Document, Tokenizer, bos_eos, fim, fim_example,
+                  format_infill, prepare)
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(os.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tok(codellama_tokenizer):
+    return Tokenizer.from_pretrained(codellama_tokenizer)
+
+
+def stdlib_chunks(tok, n):
+    """n short real documents: the functions and classes of stdlib modules (each cut where the next
+    definition starts), 40 to 1,500 characters, each of which decodes back to its text (as
+    `prepare` guarantees for a corpus)."""
+    out = []
+    for f in sorted((STDLIB / "email").rglob("*.py")) + sorted((STDLIB / "json").rglob("*.py")):
+        for chunk in re.split(r"\n(?=[ ]*(?:def|class) )", f.read_text()):
+            if 40 <= len(chunk) <= 1500 and tok.decode(tok.encode(chunk)) == chunk:
+                out.append(Document(np.array(tok.encode(chunk)), "python", tok.decode))
+                if len(out) == n:
+                    return out
+    raise AssertionError(f"only {len(out)} chunks found")
+
+
+def parse(tok, ids, text):
+    """("plain" | "psm" | "spm", prefix, middle, suffix) of a rendered document whose text is
+    `text`, decoding each part as its layout encoded it; prefix/middle are None for SPM (encoded
+    together). Asserts that the parts give back exactly the document's characters."""
+    ids = [int(i) for i in ids]
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    if ids[1] != tok.prefix_id:
+        assert tok.decode(ids[1:-1]) == text
+        return "plain", None, None, None
+    assert ids[-2] == tok.eot_id and ids.count(tok.eot_id) == 1  # <EOT> closes every example
+    mid = ids.index(tok.middle_id)
+    if ids[2] == tok.suffix_id:  # SPM; or PSM with an empty prefix, identical up to <MID>
+        suffix = tok.decode_infilling(ids[3:mid])
+        if tok.decode(ids[mid + 1:-2]) + suffix == text:
+            return "spm", None, None, suffix
+        middle = tok.decode_infilling(ids[mid + 1:-2])
+        assert middle + suffix == text
+        return "psm", "", middle, suffix
+    suf = ids.index(tok.suffix_id)
+    prefix, suffix = tok.decode(ids[2:suf]), tok.decode_infilling(ids[suf + 1:mid])
+    middle = tok.decode_infilling(ids[mid + 1:-2])
+    assert prefix + middle + suffix == text
+    return "psm", prefix, middle, suffix
+
+
+def ks(u):
+    """Kolmogorov-Smirnov distance of samples u from the uniform distribution on [0, 1]."""
+    u = np.sort(u)
+    n = len(u)
+    return max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max())
+
+
+def test_transform_statistics_and_exact_text(tok):
+    """Over 3,000 renderings: FIM on ~90% of the documents that fit, PSM:SPM ~1:1, cut points two
+    independent uniform draws over the characters, and every example decodes to its document."""
+    seq_len = 256
+    docs = stdlib_chunks(tok, 600)
+    transform, plain = fim(tok, seq_len), bos_eos(tok)
+    counts = {"plain": 0, "psm": 0, "spm": 0}
+    lo, hi, n_long = [], [], 0
+    for d, doc in enumerate(docs):
+        for k in range(5):
+            ids, mask = transform(doc, np.random.default_rng([7, d, k]))
+            assert mask is None  # every id is a target, <EOT> included
+            if len(doc.tokens) + 2 > seq_len:  # cut across contexts: untouched
+                assert np.array_equal(ids, plain(doc, None)[0])
+                n_long += 1
+                continue
+            layout, prefix, middle, suffix = parse(tok, ids, doc.text)
+            counts[layout] += 1
+            if layout == "plain":
+                continue
+            n = len(doc.text)
+            hi.append((n - len(suffix)) / n)
+            if layout == "psm":
+                lo.append(len(prefix) / n)
+    eligible = sum(counts.values())
+    assert n_long > 100 and eligible > 2000  # both kinds are well represented
+    assert counts["plain"] / eligible == pytest.approx(0.1, abs=0.02)
+    assert counts["spm"] / (counts["psm"] + counts["spm"]) == pytest.approx(0.5, abs=0.04)
+    # Sorted pair of two independent uniforms: the smaller has CDF 1-(1-x)^2, the larger x^2.
+    lo, hi = np.array(lo), np.array(hi)
+    assert ks(1 - (1 - lo) ** 2) < 2 / np.sqrt(len(lo))
+    assert ks(hi ** 2) < 2 / np.sqrt(len(hi))
+    assert lo.mean() == pytest.approx(1 / 3, abs=0.03)
+    assert hi.mean() == pytest.approx(2 / 3, abs=0.03)
+
+
+def test_eligibility_is_fitting_in_one_context(tok):
+    """A document whose plain rendering fills the context exactly is transformed; one more token
+    and it is left as it is, for every draw."""
+    text = "".join(f"x{i} = {i}\n" for i in range(200))
+    ids = tok.encode(text)
+    seq_len = len(ids) + 2
+    transform = fim(tok, seq_len, rate=1.0)
+    doc = Document(np.array(ids), "python", tok.decode)
+    assert all(parse(tok, transform(doc, np.random.default_rng(s))[0], text)[0] != "plain"
+               for s in range(20))
+    short = fim(tok, seq_len - 1, rate=1.0)
+    for s in range(20):
+        assert np.array_equal(short(doc, np.random.default_rng(s))[0], bos_eos(tok)(doc, None)[0])
+    assert all(parse(tok, fim(tok, 4096, rate=0.0)(doc, np.random.default_rng(s))[0], text)[0]
+               == "plain" for s in range(20))
+
+
+def test_training_examples_start_with_the_inference_prompt(tok):
+    """PSM: the example is format_infill's prompt for the same cut, then the middle. SPM: the
+    example is the prompt with an empty prefix, then prefix + middle encoded as one text; its
+    start equals format_infill's SPM prompt whenever the prefix ends on a token boundary, as it
+    does at a line end (single-line infilling, Code Llama Table 14)."""
+    text = ('def mean(xs: list[float]) -> float:\n    """Arithmetic mean."""\n'
+            '    total = sum(xs)\n    return total / len(xs)\n')
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    for a in starts[:-1]:
+        for b in starts[starts.index(a) + 1:]:
+            prefix, middle, suffix = text[:a], text[a:b], text[b:]
+            psm = fim_example(tok, prefix, middle, suffix)
+            prompt = format_infill(tok, prefix, suffix)
+            assert psm[:len(prompt)] == prompt
+            assert psm[len(prompt):] == tok.encode_infilling(middle) + [tok.eot_id, tok.eos_id]
+            spm = fim_example(tok, prefix, middle, suffix, suffix_first=True)
+            prompt = format_infill(tok, prefix, suffix, suffix_first=True)
+            assert spm[:len(prompt)] == prompt
+            assert spm[len(prompt) - len(tok.encode(prefix)):-2] == tok.encode(prefix + middle)
+    # and the transform's own PSM examples, at random cuts
+    transform = fim(tok, 4096, rate=1.0, spm_rate=0.0)
+    doc = Document(np.array(tok.encode(text)), "python", tok.decode)
+    for s in range(30):
+        ids = transform(doc, np.random.default_rng(s))[0].tolist()
+        _, prefix, middle, suffix = parse(tok, ids, text)
+        prompt = format_infill(tok, prefix, suffix)
+        assert ids[:len(prompt)] == prompt
+
+
+def test_fim_stream_is_deterministic_resumable_and_trains_on_eot(tok, tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    for i, doc in enumerate(stdlib_chunks(tok, 60)):
+        (root / f"m{i:02d}.py").write_text(doc.text)
+    prepare([root], tok.path, tmp_path / "data", workers=1, progress=False)
+    corpus = Corpus(tmp_path / "data")
+
+    def stream():
+        return Batches([corpus], [1.0], 128, 4, seed=3, tok=tok, transform=fim(tok, 128))
+
+    a, b = stream(), stream()
+    for _ in range(20):
+        for x, y in zip(a.next(), b.next()):
+            assert np.array_equal(x, y)
+    state = json.loads(json.dumps(a.state_dict()))
+    first = [a.next() for _ in range(30)]
+    resumed = stream()
+    resumed.load_state_dict(state)
+    for (xa, ya), (xr, yr) in zip(first, (resumed.next() for _ in range(30))):
+        assert np.array_equal(xa, xr) and np.array_equal(ya, yr)
+    ys = np.concatenate([y for _, y in first])
+    assert (ys == tok.eot_id).sum() > 10 and (ys == tok.middle_id).sum() > 10
+    assert not (ys == IGNORE).any()
+    # 60 documents, 4 rows: 30 steps of 512 tokens run through several epochs, and a document's
+    # cut points are drawn anew in each (the rng is seeded by its position in the stream)
+    assert a.epochs()[0] > 2
+    d, rng0 = a._doc_at(0, 0)
+    later = next(i for i in range(1, 1000) if a._doc_at(0, i)[0] == d)
+    doc = Document(corpus.tokens(d), "python", tok.decode)
+    draws = {tuple(fim(tok, 4096, rate=1.0)(doc, rng)[0]) for rng in (rng0, a._doc_at(0, later)[1])}
+    assert len(draws) == 2
+
+
+def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
+    """--init a model with Llama 2's 32,000-id tokenizer: the run extends the tokenizer to Code
+    Llama's 32,016 ids, grows the embeddings, says so, and exports both; the new tokenizer encodes
+    ordinary text exactly as Llama 2's does."""
+    init = tmp_path / "llama2-small"
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
+                                  max_seq_len=256))
+    model.init_weights()
+    model.save_pretrained(init)
+    Tokenizer.from_pretrained(llama2_tokenizer).save(init)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train_infill.py", "--init", str(init),
+                        "--data", str(STDLIB / "json"), "--out", str(out), "--steps", "1",
+                        "--seq-len", "64", "--batch-tokens", "256", "--micro-batch", "4",
+                        "--lr", "1e-3", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "extended from 32,000 to 32,016 ids" in r.stdout
+    assert "embeddings grow from 32,000 to 32,016 rows" in r.stdout
+    hf = out / "hf"
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 32016
+    trained = Transformer.from_pretrained(hf)
+    assert trained.tok_embeddings.weight.shape[0] == trained.output.weight.shape[0] == 32016
+    new, old = Tokenizer.from_pretrained(hf), Tokenizer.from_pretrained(llama2_tokenizer)
+    assert (new.vocab_size, new.prefix_id, new.suffix_id, new.middle_id, new.eot_id) == \
+        (32016, 32007, 32008, 32009, 32010)
+    for f in sorted((STDLIB / "json").glob("*.py")):
+        text = f.read_text()
+        assert new.encode(text) == old.encode(text) and new.decode(new.encode(text)) == text
+    assert len(format_infill(new, "a", "b")) == 6
+
+
+@pytest.fixture(scope="module")
+def echo_ckpt(tok, tmp_path_factory):
+    """A hand-set model whose greedy output is fixed: "X" after any token but "X", and <EOT> after
+    "X". Its blocks add nothing (zero output projections), so the last position's logits
+    depend on the last token only, through one sign in dimension 0 of its embedding."""
+    x, = tok.encode_infilling("X")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
+                                  multiple_of=32, max_seq_len=256))
+    with torch.no_grad():
+        model.init_weights()
+        for block in model.layers:
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+        model.tok_embeddings.weight[:, 0] = 1.0
+        model.tok_embeddings.weight[x, 0] = -1.0
+        model.norm.weight.zero_()
+        model.norm.weight[0] = 1.0
+        model.output.weight.zero_()
+        model.output.weight[x, 0] = 1.0
+        model.output.weight[tok.eot_id, 0] = -1.0
+    folder = tmp_path_factory.mktemp("echo")
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+def run_sample(capsys, *argv):
+    sample.main([*argv])
+    return capsys.readouterr().out
+
+
+def test_sample_infill_stops_at_eot_and_prints_prefix_middle_suffix(echo_ckpt, capsys):
+    ckpt = ["--ckpt", str(echo_ckpt), "--greedy", "--max-new-tokens", "20"]
+    for spm in ([], ["--spm"]):
+        rows = [json.loads(run_sample(capsys, *ckpt, "--infill", "--json", *spm, *how))
+                for how in (["--prefix", "def f():\n    return ", "--suffix", "\n"],
+                            ["--prompt", "def f():\n    return <FILL>\n"])]
+        assert rows[0]["completion"] == rows[1]["completion"] == "X"  # stopped at <EOT>
+        assert rows[0]["token_ids"] == rows[1]["token_ids"] and len(rows[0]["token_ids"]) == 1
+    text = run_sample(capsys, *ckpt, "--infill", "--prefix", "a = ", "--suffix", "\nb = 1\n")
+    assert text.startswith("a = X\nb = 1\n\n\n[1 tokens")  # no colour codes off a terminal
+    demo = run_sample(capsys, *ckpt, "--infill")
+    assert demo.startswith(sample.DEMO_PREFIX + "X" + sample.DEMO_SUFFIX)
+    with pytest.raises(SystemExit, match="exactly one <FILL>"):
+        sample.main([*ckpt, "--infill", "--prompt", "no marker"])

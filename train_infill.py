@@ -1,0 +1,83 @@
+"""Stage 2 of Code Llama 7B and 13B: code training with the infilling objective (sec. 2.3).
+
+The same data, schedule and length as train_code.py, with one change: 90% of the documents that
+fit in one context become fill-in-the-middle examples, half PSM and half SPM (data.fim, RECIPE.md
+sec. 2), and the model learns to write a middle between a prefix and a suffix at little cost to
+ordinary completion (Table 5). 34B and the Python models were trained without it.
+
+Code Llama added four tokens for this (▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; 32,000 -> 32,016 ids).
+Started from a model whose tokenizer lacks them (Llama 2), this script writes the extended
+tokenizer into OUT/tokenizer/ (data.extend_tokenizer: Code Llama's ids), the engine grows the
+embeddings to match (new rows start at the mean row) and the export OUT/hf/ carries the extended
+tokenizer.
+
+One CPU, the tiny preset on the interpreter's own standard library (a few minutes; only files that
+fit in one 256-token context become infilling examples, a minority of the library's files:
+bench/fim_vs_ar.py cuts them at each definition and compares with plain training):
+
+    python train_infill.py --init tiny --tokenizer ../shared/data/llama2/tokenizer.model \\
+        --data "$(python -c 'import os; print(os.path.dirname(os.__file__))')" \\
+        --out runs/infill-tiny --steps 300 --seq-len 256 --batch-tokens 8192 --micro-batch 8 \\
+        --lr 1e-3 --warmup 30 --ckpt-every 100 --eval-every 100
+    python sample.py --ckpt runs/infill-tiny/hf --infill --greedy
+
+Eight GPUs, the paper's settings, from Llama 2 7B (HF layout):
+
+    torchrun --nproc_per_node 8 train_infill.py --init meta-llama/Llama-2-7b-hf \\
+        --data data/code data/code_nl data/nl --out runs/infill-7b --activation-checkpointing
+"""
+
+import os
+from pathlib import Path
+
+import train
+from data import INFILL_PIECES, Tokenizer, _atomic_write, extend_tokenizer, fim
+from model import PRESETS
+from train_code import DEFAULTS, peak_lr  # stage 2's paper defaults: only the transform differs
+
+
+def setup(args, tok):
+    """The tokenizer with the infilling tokens (extended here when --init's lacks them) and the FIM
+    transform."""
+    if any(getattr(tok, f"{key}_id") is None for key in INFILL_PIECES):
+        if tok.kind != "sentencepiece":
+            raise ValueError(f"{tok.path} has no infilling tokens, and only a SentencePiece model "
+                             "(Llama 2's) can be extended with Code Llama's")
+        folder = Path(args.out) / "tokenizer"
+        # Every process writes the same bytes atomically: no process ever reads a partial file.
+        path = extend_tokenizer(tok.path, folder / "tokenizer.model")
+        if tok.config_path:  # BOS/EOS names and add_bos travel with the tokenizer
+            _atomic_write(folder / "tokenizer_config.json", tok.config_path.read_bytes())
+        old, tok = tok, Tokenizer.from_pretrained(path)
+        if os.environ.get("RANK", "0") == "0":  # setup runs on every process; one says it
+            if args.init in PRESETS:
+                grow = f"the preset is built with {tok.vocab_size:,} embeddings"
+            elif train.model_args(args).vocab_size < tok.vocab_size:
+                grow = (f"the model's embeddings grow from {train.model_args(args).vocab_size:,} "
+                        f"to {tok.vocab_size:,} rows (new rows start at the mean row)")
+            else:
+                grow = f"the model already has {train.model_args(args).vocab_size:,} embeddings"
+            print(f"tokenizer: {old.path} lacks the infilling tokens: extended from "
+                  f"{old.vocab_size:,} to {tok.vocab_size:,} ids (Code Llama's) in {path}; {grow}",
+                  flush=True)
+    return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate)
+
+
+def parser():
+    p = train.parser(**DEFAULTS)
+    p.add_argument("--fim-rate", type=float, default=0.9,
+                   help="share of the documents that fit in one context made into infilling "
+                        "examples (sec. 2.3)")
+    p.add_argument("--spm-rate", type=float, default=0.5,
+                   help="share of the infilling examples in the SPM layout, the rest PSM "
+                        "(sec. 2.3)")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    if args.lr is None:
+        args.lr = peak_lr(args)
+    # the FIM rates shape the data stream too: a resume with other values is refused
+    train.STREAM_FLAGS = (*train.STREAM_FLAGS, "fim_rate", "spm_rate")
+    train.run(args, setup)
