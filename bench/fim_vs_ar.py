@@ -24,7 +24,7 @@ the training files (Llama's settings: byte fallback, split digits), extended by 
 with the infilling tokens: the tiny preset is then 4.0M parameters instead of 19M with Llama 2's
 32,000 pieces. --tokenizer takes Llama 2's instead.
 
-    python bench/fim_vs_ar.py --out runs/fim-vs-ar             # ~15 minutes on 2 busy cores
+    python bench/fim_vs_ar.py --out runs/fim-vs-ar     # 36 min on 2 cores at load average 7-10
     python bench/fim_vs_ar.py --out runs/fim-vs-ar-long --steps 20000 --batch-tokens 16384  # GPU
 
 What to expect at the default size (about 1M training tokens each): the AR losses within a few
@@ -99,8 +99,7 @@ def train_tokenizer(files, path, vocab_size):
         sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")),
         vocab_size=vocab_size, model_type="bpe", normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, byte_fallback=True,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        input_sentence_size=200_000, shuffle_input_sentence=True)
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     return path
 
 
