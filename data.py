@@ -1045,6 +1045,14 @@ class Corpus:
 #
 # Documents are packed back to back, BOS/EOS marking the boundaries; attention crosses them, as
 # neither [P] nor [L2] mentions a block-diagonal mask (model.py has none; LESSONS.md item 8).
+#
+# With `whole_docs` (train_longctx.py), a document that fits in one sequence but not in what is left
+# of the current one starts the next sequence instead of being cut, and the rest of the current one
+# is padding: EOS ids after the last real token, which no real token attends to (attention is
+# causal) and which are never targets. Long files are then seen whole, the repository-level context
+# long-context fine-tuning is for (sec. 2.4). The state stays (documents finished, offset): padding
+# depends only on the stream. `Batches.packing` counts, for the last batch, the sequences made of
+# one document and of several, and the padding tokens: the engine logs them every step.
 
 IGNORE = -100  # the target of a position whose loss is masked (F.cross_entropy's ignore_index)
 _MIX, _PERM, _DOC, _EVAL, _HOLDOUT = range(5)  # seed-sequence tags keep the random streams apart
@@ -1066,11 +1074,12 @@ class Batches:
     per id, or None for all True) marks the ids that are targets. `rng` is seeded by the document's
     position in the stream, so a transform's choices (such as infilling split points) are the same
     after a resume. `row_range` is this rank's share of the rows. Each source keeps up to
-    `eval_docs` documents (at most a tenth) out of training, for the held-out loss.
+    `eval_docs` documents (at most a tenth) out of training, for the held-out loss. `whole_docs`:
+    see "Mixtures and packing" above.
     """
 
     def __init__(self, corpora, weights, seq_len, rows, seed, tok, transform=None, row_range=None,
-                 eval_docs=64):
+                 eval_docs=64, whole_docs=False):
         if not corpora or len(weights) != len(corpora) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"need one non-negative weight per source, got {weights}")
         for c in corpora:
@@ -1079,6 +1088,8 @@ class Batches:
         self.weights = np.asarray(weights, np.float64) / sum(weights)
         self.transform, self.decode = transform or bos_eos(tok), tok.decode
         self.row_range = row_range or range(rows)
+        self.whole_docs, self.pad_id = whole_docs, tok.eos_id if tok.eos_id is not None else 0
+        self.packing = (0, 0, 0)  # last batch: one-document sequences, several-document, padding
         self.train_ids, self.eval_ids = [], []
         for s, c in enumerate(corpora):
             n_eval = min(eval_docs, c.n_docs // 10)
@@ -1142,16 +1153,23 @@ class Batches:
             self._rendered[key] = (k, *self._render(s, d, rng))
         return self._rendered[key][1:]
 
-    def _read(self, g, s, k, off, n):
-        """n ids and mask bits from stream (g, s) starting at document k, offset off; and where the
-        stream stands after them."""
+    def _read(self, g, s, k, off, n, whole=False):
+        """n ids and mask bits from stream (g, s) starting at document k, offset off; where the
+        stream stands after them; how many documents they come from, and how many are padding.
+        `whole`: a document that would be cut at the end but fits in a sequence is left for the
+        next one, and padding fills the rest."""
         ids, mask = [], []
-        empty = 0
+        empty = docs = 0
         while n > 0:
             doc_ids, doc_mask = self._stream_doc(g, s, k)
+            if whole and docs and off == 0 and n < len(doc_ids) <= self.seq_len:
+                ids.append(np.full(n, self.pad_id, np.int64))
+                mask.append(np.zeros(n, bool))
+                return np.concatenate(ids), np.concatenate(mask), k, off, docs, n
             take = doc_ids[off:off + n]
             ids.append(take)
             mask.append(doc_mask[off:off + n])
+            docs += len(take) > 0
             n -= len(take)
             off += len(take)
             if off >= len(doc_ids):
@@ -1159,7 +1177,7 @@ class Batches:
                 empty = empty + 1 if not len(doc_ids) else 0
                 if empty > 1000:
                     raise ValueError(f"{self.corpora[s].path}: the transform gives empty documents")
-        return np.concatenate(ids), np.concatenate(mask), k, off
+        return np.concatenate(ids), np.concatenate(mask), k, off, docs, 0
 
     def next(self):
         """This rank's rows of the next global batch: int64 inputs and targets (rows, seq_len); a
@@ -1167,21 +1185,26 @@ class Batches:
         L = self.seq_len
         source = np.random.default_rng([self.seed, _MIX, self.step]).choice(
             len(self.corpora), size=self.rows, p=self.weights)
-        xs, ys = [], []
+        xs, ys, packing = [], [], [0, 0, 0]
         for g in self.row_range:
             s = int(source[g])
             k, off = self.pos[g][s]
             # seq_len + 1 ids give seq_len (input, target) pairs; the next sequence starts at the
             # last id of this one, so every id but a stream's first is a target exactly once.
-            ids, mask, k, off = self._read(g, s, k, off, L)
-            last, last_mask, _, _ = self._read(g, s, k, off, 1)
+            ids, mask, k, off, docs, pad = self._read(g, s, k, off, L, self.whole_docs)
+            last, last_mask = self._read(g, s, k, off, 1)[:2]
+            if pad:
+                last_mask = np.zeros_like(last_mask)  # after padding, nothing to predict
             self.pos[g][s] = [k, off]
+            packing[0 if docs == 1 else 1] += 1
+            packing[2] += pad
             ids, mask = np.concatenate([ids, last]), np.concatenate([mask, last_mask])
             xs.append(ids[:-1])
             ys.append(np.where(mask[1:], ids[1:], IGNORE))
         for s in range(len(self.corpora)):
             self.drawn[s] += int((source == s).sum())
         self.step += 1
+        self.packing = tuple(packing)
         return np.stack(xs), np.stack(ys)
 
     def held_out(self, n_seqs: int) -> list:

@@ -91,7 +91,11 @@ def parser(**defaults) -> argparse.ArgumentParser:
     a("--dtype", choices=["bf16", "fp32"], default="bf16",
       help="bf16: bf16 parameters on GPU under FSDP (fp32 master weights and gradient reduction), "
            "bf16 autocast otherwise, CPU included")
-    a("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+      help="recompute each block in backward (train_longctx.py turns it on)")
+    a("--whole-docs", action=argparse.BooleanOptionalAction, default=False,
+      help="start a document that fits in a sequence at a sequence start rather than cut it; the "
+           "rest of the sequence before it is padding, never a target (train_longctx.py)")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     a("--keep-ckpts", type=int, default=3, help="checkpoints kept (the newest)")
@@ -176,6 +180,9 @@ def model_args(args) -> ModelArgs:
         margs = _args_from_hf_config(init_folder(args.init) / "config.json")[0]
     if args.base is not None:
         margs.rope_theta = args.base
+    # the export's max_position_embeddings: at least the length this run trains at (a 4k model
+    # fine-tuned at 16k says 16,384, as Code Llama's configs do)
+    margs.max_seq_len = max(margs.max_seq_len, args.seq_len)
     return margs
 
 
@@ -382,7 +389,7 @@ def load_checkpoint(ckpt: Path, model, opt, batches: Batches, d: Dist) -> int:
 
 
 # Flags that shape the data stream: a resume with other values would not continue the same run.
-STREAM_FLAGS = ("data", "mix", "seq_len", "batch_tokens", "seed")
+STREAM_FLAGS = ("data", "mix", "seq_len", "batch_tokens", "seed", "whole_docs")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +449,8 @@ def setup_data(args, setup, d: Dist):
         per_rank = rows // d.world
         batches = Batches(corpora, [w for _, w in data_sources(args)], args.seq_len, rows,
                           args.seed, tok, transform,
-                          row_range=range(d.rank * per_rank, (d.rank + 1) * per_rank))
+                          row_range=range(d.rank * per_rank, (d.rank + 1) * per_rank),
+                          whole_docs=args.whole_docs)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     return tok, batches, ckpts
@@ -505,7 +513,11 @@ def run(args, setup=None):
         x, y = (torch.from_numpy(t).to(d.device) for t in batches.next())
         # The loss is the mean over all targets of the global batch, however it is split: each rank
         # sums its token losses over the global count, times world size as FSDP averages the ranks.
-        n_targets = max(1, int(d.sum(torch.tensor((y != IGNORE).sum().item(), device=d.device))))
+        # one all-reduce: the target count, and the global batch's sequences holding one document,
+        # several, and padding tokens (data.Batches.packing)
+        counts = d.sum(torch.tensor([(y != IGNORE).sum().item(), *batches.packing],
+                                    device=d.device)).tolist()
+        n_targets = max(1, counts[0])
         loss_sum = torch.zeros((), device=d.device)
         for i in range(0, per_rank, args.micro_batch):
             with autocast:
@@ -535,12 +547,15 @@ def run(args, setup=None):
                "tokens_per_s": args.batch_tokens / dt,
                "tokens_per_s_per_device": args.batch_tokens / dt / d.world,
                "mfu": fpt * args.batch_tokens / dt / d.world / peak if peak else None,
-               "peak_mem_gb": mem, "tokens": step * args.batch_tokens}
+               "peak_mem_gb": mem, "tokens": step * args.batch_tokens,
+               "seqs_one_doc": counts[1], "seqs_many_docs": counts[2],
+               "pad_frac": counts[3] / args.batch_tokens}
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.steps):
             row.update(evaluate(model, held_out, names, args, d, autocast))
         mfu = f"{100 * row['mfu']:.1f}%" if peak else "-"
         d.print(f"step {step}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f}"
                 f" | {row['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem {mem:.2f} GB"
+                f" | 1-doc seqs {counts[1]}/{counts[1] + counts[2]}"
                 + "".join(f" | {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")))
         if d.rank == 0:
             with open(metrics, "a") as f:
