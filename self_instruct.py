@@ -11,9 +11,13 @@ each step is a stage (`--stage`) that reads the files of the stages before it in
   tests      5 asserts per question in [TESTS] ... [/TESTS]         -> tests.jsonl
   solutions  10 samples in [PYTHON] ... [/PYTHON]; the prompt shows  -> solutions.jsonl
              one test, the others stay hidden (they catch solutions fitted to the one shown)
-  execute    every solution against its tests in the sandbox        -> executions.jsonl
+  execute    every solution against all its tests in the sandbox    -> executions.jsonl
+             (one that defines no function the tests call fails unrun)
   records    the first passing solution of each question, as chat   -> records.jsonl,
              records for train_instruct.py, and the summary table      summary.json, summary.md
+
+Prompts (Figs. 10-12 in our own words) are dialogs whose worked example is a finished turn, and
+the test and solution answers are started for the model with their opening tag.
 
 Crashes and reruns: the four model/sandbox stages append one JSON row per item (a request or a
 question) with flush + fsync, and skip on start the items already in their file; a crash or Ctrl-C

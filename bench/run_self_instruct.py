@@ -28,6 +28,9 @@ def main():
     p.add_argument("--question-tokens", type=int, default=400)
     p.add_argument("--test-tokens", type=int, default=160)
     p.add_argument("--solution-tokens", type=int, default=128)
+    # Above self_instruct.py's 0.2: near-greedy, SmolLM2-135M writes one assert five times,
+    # which leaves no hidden test once duplicates are dropped.
+    p.add_argument("--test-temperature", type=float, default=0.7)
     p.add_argument("--show", type=int, default=3, help="accepted records to print")
     # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (LESSONS.md); the numbers
     # differ a little from the fp32 checkpoint's, which matters only to parity checks
@@ -44,7 +47,8 @@ def main():
         "--requests", str(args.requests), "--questions-per-request",
         str(args.questions_per_request), "--solutions", str(args.solutions),
         "--question-tokens", str(args.question_tokens), "--test-tokens", str(args.test_tokens),
-        "--solution-tokens", str(args.solution_tokens)])
+        "--solution-tokens", str(args.solution_tokens),
+        "--test-temperature", str(args.test_temperature)])
     records = self_instruct.read_jsonl(Path(args.out, "records.jsonl"))
     print(f"\n{len(records)} records; the first {min(args.show, len(records))}:")
     for r in records[:args.show]:
