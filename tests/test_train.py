@@ -141,6 +141,13 @@ def test_two_processes_match_one(flags, reference, data, tmp_path):
     assert abs(reference[-1]["eval_loss/email"] - two[-1]["eval_loss/email"]) < 1e-4
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "step-0000004", "step-0000008", "step-0000010"]
+    # Resuming on another number of processes: the two-process checkpoint of step 8 continued by
+    # one process (the distributed checkpoint reshards; the data position is saved for all rows)
+    shutil.rmtree(tmp_path / "ckpt" / "step-0000010")
+    r = run(command(flags, data, tmp_path))
+    assert "resumed from" in r.stdout and "step-0000008 (step 8)" in r.stdout
+    for a, b in zip(reference, metrics(tmp_path)):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
 
 
 def wait_for(proc, condition, what, every=0.005):
