@@ -1,5 +1,5 @@
 """Data for the Code Llama recipe: the tokenizer, the prompt layouts (infilling, chat), and below
-them the corpus, packing and FIM code that the training stages share.
+them the corpus, packing, chat-dialog and FIM code that the training stages share.
 
     from data import Tokenizer, format_infill, format_chat
     tok = Tokenizer.from_pretrained("../shared/data/llama2/tokenizer.model")  # or a folder
@@ -589,6 +589,39 @@ def format_chat(tok, messages):
     return chat_tokens(tok, messages)[0]
 
 
+def _chatml_ids(tok):
+    start, end = tok.piece_to_id("<|im_start|>"), tok.piece_to_id("<|im_end|>")
+    if start is None or end is None:
+        raise ValueError(f"tokenizer {tok.path} has no <|im_start|>/<|im_end|> tokens")
+    return start, end
+
+
+def chatml_tokens(tok, messages):
+    """SmolLM2-Instruct's ChatML layout -> (ids, loss_mask), chat_tokens' counterpart: each message
+    is "<|im_start|>{role}\\n{content}<|im_end|>\\n", its default system turn first when the dialog
+    has none. loss_mask is True exactly on each assistant content and its <|im_end|> (the token
+    generation stops at), as chat_tokens masks answers and their EOS."""
+    _check_dialog(messages)
+    start, end = _chatml_ids(tok)
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
+    newline = tok.encode("\n")
+    ids, mask = [], []
+    for m in messages:
+        body = tok.encode(f"{m['role']}\n{m['content']}")
+        ids += [start] + body + [end] + newline
+        if m["role"] != "assistant":
+            mask += [False] * (len(body) + 2 + len(newline))
+            continue
+        # The answer starts where body leaves the header's ids (encoded as one text, as the
+        # template is, so a token may straddle "\n" and the content: it counts as answer).
+        header, n = tok.encode("assistant\n"), 0
+        while n < min(len(header), len(body)) and body[n] == header[n]:
+            n += 1
+        mask += [False] * (1 + n) + [True] * (len(body) - n + 1) + [False] * len(newline)
+    return ids, mask
+
+
 def format_chatml(tok, messages):
     """SmolLM2-Instruct's ChatML prompt, as its chat template renders and tokenizes it:
     "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message (its default system turn first when
@@ -596,15 +629,7 @@ def format_chatml(tok, messages):
     _check_dialog(messages)
     if messages[-1]["role"] != "user":
         raise ValueError("format_chatml needs a dialog that ends with a user message")
-    start, end = tok.piece_to_id("<|im_start|>"), tok.piece_to_id("<|im_end|>")
-    if start is None or end is None:
-        raise ValueError(f"tokenizer {tok.path} has no <|im_start|>/<|im_end|> tokens")
-    if messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
-    ids = []
-    for m in messages:
-        ids += [start] + tok.encode(f"{m['role']}\n{m['content']}") + [end] + tok.encode("\n")
-    return ids + [start] + tok.encode("assistant\n")
+    return chatml_tokens(tok, messages)[0] + [_chatml_ids(tok)[0]] + tok.encode("assistant\n")
 
 
 def format_dialog(tok, messages):
@@ -612,6 +637,12 @@ def format_dialog(tok, messages):
     if tok.chat_format == "chatml":
         return format_chatml(tok, messages)
     return format_chat(tok, messages)
+
+
+def dialog_tokens(tok, messages):
+    """(ids, loss_mask) of a whole dialog in the tokenizer's own layout, for instruction tuning."""
+    return (chatml_tokens if tok.chat_format == "chatml" else chat_tokens)(tok, messages)
+
 
 # ---- corpus ----
 # Reading sources, tokenizing them once into shards, mixing sources by weight and packing documents
@@ -1075,7 +1106,8 @@ class Batches:
     position in the stream, so a transform's choices (such as infilling split points) are the same
     after a resume. `row_range` is this rank's share of the rows. Each source keeps up to
     `eval_docs` documents (at most a tenth) out of training, for the held-out loss. `whole_docs`:
-    see "Mixtures and packing" above.
+    see "Mixtures and packing" above. A source may also be `Dialogs` (below): its dialogs come with
+    their own loss mask and skip the transform.
     """
 
     def __init__(self, corpora, weights, seq_len, rows, seed, tok, transform=None, row_range=None,
@@ -1139,7 +1171,10 @@ class Batches:
 
     def _render(self, s, d, rng):
         c = self.corpora[s]
-        ids, mask = self.transform(Document(c.tokens(d), c.lang(d), self.decode), rng)
+        if isinstance(c, Dialogs):  # encoded with its loss mask (answers only); the transform
+            ids, mask = c.tokens(d), c.mask(d)  # is for plain documents (rehearsal, sec. 2.5)
+        else:
+            ids, mask = self.transform(Document(c.tokens(d), c.lang(d), self.decode), rng)
         ids = np.asarray(ids, np.int64)
         mask = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
         if len(mask) != len(ids):
@@ -1229,6 +1264,139 @@ class Batches:
                                    IGNORE) for i in range(n)])
             sets.append((s, x, y))
         return sets
+
+
+# --------------------------------------------------------------------------------------------------
+# Dialogs (instruction tuning: Code Llama - Instruct, sec. 2.5; RECIPE.md sec. 4)
+#
+# A chat source is a .jsonl / .jsonl.gz file of {"messages": [{"role", "content"}, ...]} records:
+# what self_instruct.py writes, and the common format of public instruction sets. It is read whole
+# and each dialog is encoded once, in memory, in the tokenizer's own layout (dialog_tokens), with
+# its loss mask: the answers and their end token only, as in Llama 2's SFT (Code Llama does not say;
+# RECIPE.md sec. 4). Batches packs dialogs like documents but renders them with that mask, never
+# through the stage's transform. A record is skipped, and counted by reason, when it is not JSON
+# ("bad_json"), has no "messages" list ("no_messages"), holds a message that is not {"role": str,
+# "content": str} ("bad_message"), breaks the turn order: an optional system message, then user
+# and assistant alternating, ending with an answer ("bad_turns"), or holds a reserved tag such as
+# [INST] or <<SYS>> that would forge a turn boundary ("reserved_tag"). A dialog longer than seq_len
+# keeps its longest run of whole (user, answer) pairs that fits ("truncated"), or is dropped when
+# its first pair alone does not fit ("too_long").
+
+CHAT_LANG = "chat"
+
+
+def is_dialogs(path) -> bool:
+    """Whether `path` is a chat source: a .jsonl(.gz) file whose first record holds "messages"."""
+    path = Path(path)
+    name = path.name.lower()
+    if not path.is_file() or not name.endswith((".jsonl", ".jsonl.gz")):
+        return False
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # JSONDecodeError, or UnicodeDecodeError on bytes
+                    raise ValueError(f"{path}:{lineno}: not a JSON record: {line[:60]!r}") from None
+                return isinstance(record, dict) and "messages" in record
+    return False
+
+
+def _dialog_problem(record) -> str | None:
+    """Why a parsed record cannot be trained on (a skip reason), or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return "no_messages"
+    messages = record["messages"]
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+               and isinstance(m.get("content"), str) for m in messages):
+        return "bad_message"
+    try:
+        turns = _check_dialog(messages)
+    except ValueError:
+        return "bad_turns"
+    if turns[-1]["role"] != "assistant":
+        return "bad_turns"
+    if any(tag in m["content"] for m in messages for tag in RESERVED_TAGS):
+        return "reserved_tag"
+    return None
+
+
+class Dialogs:
+    """A chat source, encoded in memory (see above). It has what Batches reads a Corpus by (path,
+    n_docs, n_tokens, tokens(d), lang(d), check_tokenizer(tok)) and mask(d), dialog d's loss mask.
+    Counts: `records` (non-empty lines), `skipped` (reason -> records), `truncated` (dialogs kept
+    with fewer pairs); `lines` keeps the first line numbers of each reason and of "truncated"."""
+
+    LINES_KEPT = 3
+
+    def __init__(self, path, tok, seq_len):
+        self.path, self.seq_len = Path(path), seq_len
+        self.chat_format, self.probe = tok.chat_format, tok.encode(PROBE)
+        self.records, self.truncated, self.skipped, self.lines = 0, 0, {}, {}
+        ids, masks = [], []
+        gz = self.path.name.lower().endswith(".gz")
+        with (gzip.open if gz else open)(self.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                self.records += 1
+                try:
+                    record = json.loads(line)
+                    reason = _dialog_problem(record)
+                except ValueError:  # not JSON, or not UTF-8
+                    reason = "bad_json"
+                if reason is None:
+                    reason = self._encode(tok, record["messages"], ids, masks)
+                if reason is not None:
+                    self.lines.setdefault(reason, [])
+                    if len(self.lines[reason]) < self.LINES_KEPT:
+                        self.lines[reason].append(lineno)
+                    if reason == "truncated":
+                        self.truncated += 1
+                    else:
+                        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if not ids:
+            raise ValueError(f"{self.path}: no dialog to train on ({self.summary()})")
+        self.offsets = np.cumsum([0] + [len(i) for i in ids])
+        self.ids = np.concatenate(ids).astype(token_dtype(tok.vocab_size))
+        self.masks = np.concatenate(masks).astype(bool)
+        self.n_docs, self.n_tokens = len(ids), int(self.offsets[-1])
+
+    def _encode(self, tok, messages, ids, masks) -> str | None:
+        """Append the dialog, cut to its longest prefix of whole pairs that fits in seq_len."""
+        first = int(messages[0]["role"] == "system")
+        pairs = (len(messages) - first) // 2
+        for k in range(pairs, 0, -1):
+            d_ids, d_mask = dialog_tokens(tok, messages[:first + 2 * k])
+            if len(d_ids) <= self.seq_len:
+                ids.append(d_ids)
+                masks.append(d_mask)
+                return "truncated" if k < pairs else None
+        return "too_long"
+
+    def summary(self) -> str:
+        def where(reason, n):
+            more = ", ..." if n > len(self.lines[reason]) else ""
+            return f"line {', '.join(map(str, self.lines[reason]))}{more}"
+        kept = self.records - sum(self.skipped.values())
+        skipped = ", ".join(f"{r} {n} ({where(r, n)})" for r, n in sorted(self.skipped.items()))
+        truncated = f" ({where('truncated', self.truncated)})" if self.truncated else ""
+        return (f"{self.records} records, {kept} dialogs kept ({self.chat_format} layout), "
+                f"{self.truncated} truncated to fit {self.seq_len} tokens{truncated}; skipped: "
+                f"{skipped or 'none'}")
+
+    def check_tokenizer(self, tok):
+        if tok.chat_format != self.chat_format or tok.encode(PROBE) != self.probe:
+            raise ValueError(f"{self.path} was encoded with another tokenizer than {tok.path}")
+
+    def tokens(self, d: int) -> np.ndarray:
+        return self.ids[self.offsets[d]:self.offsets[d + 1]]
+
+    def mask(self, d: int) -> np.ndarray:
+        return self.masks[self.offsets[d]:self.offsets[d + 1]]
+
+    def lang(self, d: int) -> str:
+        return CHAT_LANG
 
 
 # --------------------------------------------------------------------------------------------------

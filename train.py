@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data import IGNORE, Batches, Corpus, Tokenizer, is_prepared, prepare, summary
+from data import (IGNORE, Batches, Corpus, Dialogs, Tokenizer, is_dialogs, is_prepared, prepare,
+                  summary)
 from model import PRESETS, ModelArgs, Transformer, _args_from_hf_config, _hf_tensors, parallelize
 
 # Dense peak FLOP/s per device, (bf16, fp32), for MFU. GPUs: NVIDIA datasheets (no sparsity). CPU:
@@ -316,22 +317,30 @@ def data_sources(args) -> list[tuple[str, float]]:
     return sources
 
 
-def load_corpora(args, tok_path, d: Dist) -> list[Corpus]:
+def load_corpora(args, tok, tok_path, d: Dist) -> list:
     """Prepared folders as they are; raw sources tokenized once into --data-cache (rank 0 prepares,
-    the others wait; a re-run finds the shards done)."""
+    the others wait; a re-run finds the shards done); chat sources (.jsonl records holding
+    "messages") encoded with `tok`, the stage's tokenizer, into data.Dialogs."""
     cache = Path(args.data_cache or Path(args.out) / "data")
-    folders = []
+    corpora = []
     for path, _ in data_sources(args):
+        if is_dialogs(path):
+            # Every rank encodes the dialogs itself, in memory: instruction sets are small next to
+            # pretraining corpora (thousands to a few million dialogs; sec. 2.5's self-instruct set
+            # is 14,000), a matter of seconds to minutes, with nothing worth caching on disk.
+            corpora.append(Dialogs(path, tok, args.seq_len))
+            d.print(f"data: {path}: {corpora[-1].summary()}")
+            continue
         if is_prepared(path):
-            folders.append(Path(path))
+            corpora.append(Corpus(path))
             continue
         key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
         folder = cache / f"{Path(path).name}-{key}"
         if d.rank == 0:
             d.print(f"data: {path}: {summary(prepare([path], tok_path, folder))}")
         d.barrier()
-        folders.append(folder)
-    return [Corpus(f) for f in folders]
+        corpora.append(Corpus(folder))
+    return corpora
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,7 +454,7 @@ def setup_data(args, setup, d: Dist):
         tok_path = args.tokenizer or init_folder(args.init)
         tok = Tokenizer.from_pretrained(tok_path)
         tok, transform = setup(args, tok) if setup else (tok, None)
-        corpora = load_corpora(args, tok_path, d)
+        corpora = load_corpora(args, tok, tok_path, d)
         per_rank = rows // d.world
         batches = Batches(corpora, [w for _, w in data_sources(args)], args.seq_len, rows,
                           args.seed, tok, transform,
