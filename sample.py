@@ -2,6 +2,7 @@ r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), ins
 
     python sample.py --ckpt out/code/hf --prompt "def fibonacci(n):"
     python sample.py --ckpt out/infill/hf --infill      # the built-in demo: a docstring to fill
+    python sample.py --infill             # the same with demo.py's infilling model (runs/demo)
     python sample.py --ckpt out/infill/hf --infill --prefix $'def add(a, b):\n    ' --suffix $'\n'
     python sample.py --ckpt out/infill/hf --infill --spm --prompt $'def f(x):\n    return <FILL>\n'
     python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function reversing a list"
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from data import Tokenizer, format_chat, format_infill
+from data import RESERVED_TAGS, Tokenizer, format_dialog, format_infill
 from model import Transformer
 
+# Where `python demo.py` leaves its infilling model: --infill's checkpoint when --ckpt is not given.
+DEMO_INFILL = Path(__file__).resolve().parent / "runs/demo/infill/hf"
 # The built-in infilling demo: a docstring to fill between a signature and its body.
 DEMO_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
 DEMO_SUFFIX = '\n    return "".join(c for c in s if ord(c) < 128)\n'
@@ -142,7 +145,8 @@ def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="",
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer)")
+    p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer); with "
+                   "--infill, default: the demo's infilling model (runs/demo/infill/hf)")
     p.add_argument("--prompt", help="completion prompt; with --infill it may hold <FILL>")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2)  # example_completion.py in [R]
@@ -157,11 +161,18 @@ def main(argv=None):
     p.add_argument("--prefix", help="text before the hole (--infill)")
     p.add_argument("--suffix", help="text after the hole (--infill)")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle layout (--infill)")
-    p.add_argument("--instruct", action="store_true", help="Llama 2 chat layout (sec. 2.5)")
+    p.add_argument("--instruct", action="store_true",
+                   help="chat (sec. 2.5) in the tokenizer's layout: Llama 2's, ChatML for SmolLM2")
     p.add_argument("--system", help="system prompt (--instruct)")
     args = p.parse_args(argv)
+    if args.ckpt is None and args.infill:
+        if not (DEMO_INFILL / "config.json").is_file():
+            raise SystemExit(f"error: no --ckpt, and no demo infilling model in {DEMO_INFILL}: "
+                             "run `make demo` (or python demo.py) first, or give --ckpt")
+        args.ckpt = str(DEMO_INFILL)
     if args.ckpt is None:
-        raise SystemExit("error: --ckpt is required")
+        raise SystemExit("error: --ckpt is required (only --infill has a default: the demo's "
+                         "infilling model)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     model, tok = load(args.ckpt, dtype, args.device)
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
@@ -209,8 +220,11 @@ def main(argv=None):
                 user = args.prompt
             messages.append({"role": "user", "content": user})
             try:
-                prompt_ids = format_chat(tok, messages)
-            except ValueError as e:  # reserved tags such as [INST] in the user's text
+                bad = [t for t in RESERVED_TAGS if t in user]
+                if bad:  # refused in either layout, as the reference does (RECIPE.md sec. 4)
+                    raise ValueError(f"the user message contains the reserved tags {bad}")
+                prompt_ids = format_dialog(tok, messages)
+            except ValueError as e:
                 messages.pop()
                 if not interactive:
                     raise SystemExit(f"error: {e}")
