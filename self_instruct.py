@@ -55,6 +55,7 @@ STAGE.shard{k}of{N}.jsonl, so a shared folder works, and readers take every shar
 """
 import argparse
 import ast
+import builtins
 import fcntl
 import glob
 import hashlib
@@ -119,14 +120,22 @@ assert second_largest([7, 7]) is None
 # Models of the paper's size follow the instruction either way, so the prefix costs them nothing.
 TESTS_ANSWER_START = "[TESTS]\n# Test case 1:\nassert"
 
-SOLUTIONS_VERSION = "solutions-v1"
+
+def tests_stop(k):
+    """Stop strings of a tests answer: the closing tag, or the heading of test k + 1. Small models
+    go on past the k tests asked for, to the token limit; the paper keeps 5 (Fig. 11)."""
+    return ["[/TESTS]", f"# Test case {k + 1}:"]
+
+
+SOLUTIONS_VERSION = "solutions-v2"
 SOLUTIONS_PROMPT = """\
 Write a Python function that solves the problem below. It has to pass the test shown, which also \
 gives its name and arguments. Put the code, with any imports it needs, between [PYTHON] and \
 [/PYTHON] and write nothing else.
 
 Problem: {question}
-Test: {test}"""
+Test: {test}
+Function: {call}"""
 SOLUTIONS_EXAMPLE_ANSWER = """\
 [PYTHON]
 def second_largest(values):
@@ -152,12 +161,16 @@ def tests_messages(question, k):
 
 
 def solutions_messages(question, test):
-    """Fig. 12 as a dialog: the instruction with a worked example, answered, then the question."""
+    """Fig. 12 as a dialog: the instruction with a worked example, answered, then the question.
+    The "Function:" line spells out the name and arity the test calls: SmolLM2-135M, shown
+    `assert f(xs, 'a') == False`, wrote a one-argument f in 15 of 50 samples (solutions-v1)."""
     example_test = "assert second_largest([4, 1, 3]) == 3"
-    return [{"role": "user", "content": SOLUTIONS_PROMPT.format(question=TESTS_EXAMPLE_QUESTION,
-                                                               test=example_test)},
+    example = SOLUTIONS_PROMPT.format(question=TESTS_EXAMPLE_QUESTION, test=example_test,
+                                      call=tested_call(example_test))
+    return [{"role": "user", "content": example},
             {"role": "assistant", "content": SOLUTIONS_EXAMPLE_ANSWER},
-            {"role": "user", "content": SOLUTIONS_PROMPT.format(question=question, test=test)}]
+            {"role": "user", "content": SOLUTIONS_PROMPT.format(question=question, test=test,
+                                                                call=tested_call(test))}]
 
 
 def chat_text(messages, chat_format, answer_start=""):
@@ -245,10 +258,35 @@ def between(text, open_tag, close_tag):
     return rest if j < 0 else rest[:j]
 
 
+BUILTINS = set(dir(builtins))
+
+
+def called_names(src):
+    """Names of the functions a test calls, builtins left out: `assert f(len(x)) == 2` -> {f}."""
+    return {n.func.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Name) and n.func.id not in BUILTINS}
+
+
+def tested_call(test):
+    """How a test calls the function under test, in words: `assert f(xs, key=1) == 2` ->
+    "f, called with 2 arguments (key=...)". The first call of a non-builtin counts; a test that
+    calls none (parse_tests drops those) gets "as the test calls it"."""
+    call = next((n for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Name) and n.func.id not in BUILTINS), None)
+    if call is None:
+        return "as the test calls it"
+    n = len(call.args) + len(call.keywords)
+    named = ", ".join(f"{k.arg}=..." for k in call.keywords if k.arg)
+    return (f"{call.func.id}, called with {n} argument{'' if n == 1 else 's'}"
+            + (f" ({named})" if named else ""))
+
+
 def parse_tests(text, finish, k):
     """[TESTS] ... [/TESTS] -> (up to k distinct assert statements, reason or None). Each assert
     is checked on its own; the last one of a reply cut off by the token limit is dropped, as it
-    may be cut mid-expression and still parse ("assert f(1) == 2" cut to "assert f")."""
+    may be cut mid-expression and still parse ("assert f(1) == 2" cut to "assert f"). An assert
+    that calls no function but builtins (`assert len([1]) == 1`, `assert xs[0] > 0`) is dropped:
+    it says nothing about a solution, and as a hidden test it would pass any."""
     body = between(text, "[TESTS]", "[/TESTS]")
     if body is None:
         return [], "no_tag"
@@ -272,9 +310,11 @@ def parse_tests(text, finish, k):
             continue
         if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) and src not in tests:
             tests.append(src)
-    tests = tests[:k]
+    if not tests:
+        return [], "no_asserts"
+    tests = [t for t in tests if called_names(t)][:k]
     # one test is shown to the solution model; at least one more must stay hidden (sec. 2.5)
-    return tests, None if len(tests) >= 2 else ("no_asserts" if not tests else "one_assert")
+    return tests, None if len(tests) >= 2 else ("no_function_call" if not tests else "one_assert")
 
 
 FENCE = re.compile(r"^\s*```[\w+-]*\n(.*?)\n?```\s*$", re.DOTALL)
@@ -730,7 +770,8 @@ def stage_tests(args, backend):
         c = backend.chat(tests_messages(q["question"], args.tests_per_question),
                          answer_start=TESTS_ANSWER_START, n=1,
                          temperature=args.test_temperature, top_p=args.top_p,
-                         max_new_tokens=args.test_tokens, stop=["[/TESTS]"], seed=seed)[0]
+                         max_new_tokens=args.test_tokens,
+                         stop=tests_stop(args.tests_per_question), seed=seed)[0]
         tests, bad = parse_tests(c.text, c.finish, args.tests_per_question)
         return {"qid": q["qid"], "tests": tests, "malformed": bad, "finish": c.finish,
                 "raw": c.text, "provenance": provenance(args, backend, TESTS_VERSION, seed,

@@ -22,12 +22,14 @@ def main():
     p.add_argument("--ckpt", required=True, help="HF-layout checkpoint folder")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--max-new-tokens", type=int, default=512)
+    # the same dtype for both backends; bfloat16 runs ~4x faster on CPU (LESSONS.md)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", default="out/bench/humaneval-parity")
     args = p.parse_args()
     runs = {}
     for backend in ("local", "hf"):
         out = os.path.join(args.out, backend)
-        argv = ["humaneval", "--ckpt", args.ckpt, "--backend", backend, "--dtype", "float32",
+        argv = ["humaneval", "--ckpt", args.ckpt, "--backend", backend, "--dtype", args.dtype,
                 "--max-new-tokens", str(args.max_new_tokens), "--out", out]
         if args.limit:
             argv += ["--limit", str(args.limit)]
@@ -41,7 +43,7 @@ def main():
               != ref_samples[t]["completions"]]
     verdict = {t["task_id"]: t["correct"] for t in ours["per_problem"]}
     ref_verdict = {t["task_id"]: t["correct"] for t in ref["per_problem"]}
-    print(f"\n# Greedy HumanEval pass@1, {args.ckpt}\n")
+    print(f"\n# Greedy HumanEval pass@1, {args.ckpt}, {args.dtype}\n")
     print("| backend | problems | pass@1 | passed | generation (s) | s/problem |")
     print("|---|---|---|---|---|---|")
     for name, s in (("local (model.py)", ours), ("hf (transformers)", ref)):

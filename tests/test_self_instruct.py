@@ -114,13 +114,34 @@ def test_parse_tests():
     assert bad is None
     assert si.parse_tests(text, "stop", 2) == (tests[:2], None)
     # cut by the token limit: the last assert may be cut short and still parse
-    cut = "[TESTS]\nassert f(1) == 2\nassert f(2) == 3\nassert f"
+    cut = "[TESTS]\nassert f(1) == 2\nassert f(2) == 3\nassert f(3)"
     assert si.parse_tests(cut, "length", 5) == (["assert f(1) == 2", "assert f(2) == 3"], None)
-    assert si.parse_tests(cut, "stop", 5)[0][-1] == "assert f"  # it ended there: kept
+    assert si.parse_tests(cut, "stop", 5)[0][-1] == "assert f(3)"  # it ended there: kept
+    # asserts that call no function but builtins test no solution: dropped before counting
+    text = ("[TESTS]\nassert len([1, 2]) == 2\nassert all(x > 0 for x in xs)\nassert xs[0] == 1\n"
+            "assert len(f([1])) == 1\nassert not g(2)\nassert f([]) == []\n")
+    assert si.parse_tests(text, "stop", 2) == (["assert len(f([1])) == 1", "assert not g(2)"], None)
+    assert si.parse_tests(text.split("assert not")[0], "stop", 5) == (
+        ["assert len(f([1])) == 1"], "one_assert")
+    assert si.parse_tests(text.split("assert len(f")[0], "stop", 5) == ([], "no_function_call")
     assert si.parse_tests("assert f(1) == 2", "stop", 5) == ([], "no_tag")
     assert si.parse_tests("[TESTS]\ndef f(): pass", "stop", 5) == ([], "no_asserts")
     assert si.parse_tests("[TESTS]\nassert f(1) == 2\n", "stop", 5) == (["assert f(1) == 2"],
                                                                         "one_assert")
+
+
+def test_tested_call_names_the_function_and_its_arity():
+    assert si.tested_call("assert f(1) == 2") == "f, called with 1 argument"
+    assert si.tested_call("assert not g(len(xs), 'a') == True") == "g, called with 2 arguments"
+    assert si.tested_call("assert h(xs, key=1, rev=0) == []") == (
+        "h, called with 3 arguments (key=..., rev=...)")
+    assert si.tested_call("assert sorted(f()) == []") == "f, called with 0 arguments"
+    assert si.tested_call("assert len([1]) == 1") == "as the test calls it"
+    messages = si.solutions_messages("Reverse a string.", "assert rev('ab', 1) == 'ba'")
+    assert messages[0]["content"].endswith("Function: second_largest, called with 1 argument")
+    assert messages[-1]["content"].endswith(
+        "Problem: Reverse a string.\nTest: assert rev('ab', 1) == 'ba'\n"
+        "Function: rev, called with 2 arguments")
 
 
 @pytest.mark.parametrize("text,finish,expected", [
@@ -313,7 +334,7 @@ class ScriptedModel:
             return choices([QUESTION_LISTS[REQUEST_OF_SEED[body["seed"]]]])
         question = re.findall(r"Problem: (.*?)(?: \[/INST\].*)?$", prompt, re.MULTILINE)[-1]
         if "unit tests" in prompt:  # the model continues the answer started for it
-            assert body["stop"] == ["[/TESTS]"] and body["n"] == 1
+            assert body["stop"] == ["[/TESTS]", "# Test case 6:"] and body["n"] == 1
             assert prompt.endswith(" [/INST] " + si.TESTS_ANSWER_START)
             return choices([TESTS[question].removeprefix(si.TESTS_ANSWER_START)])
         assert body["stop"] == ["[/PYTHON]"]
@@ -366,7 +387,7 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
     assert rec["tests"] == ["assert sum_even([1, 2, 3, 4]) == 6", "assert sum_even([]) == 0",
                             "assert sum_even([2,\n    2]) == 4"]
     prov = si.read_jsonl(a / "records.jsonl")[0]["provenance"]
-    assert prov["solution_index"] == 1 and prov["solutions"]["prompt_version"] == "solutions-v1"
+    assert prov["solution_index"] == 1 and prov["solutions"]["prompt_version"] == "solutions-v2"
     assert prov["tests"]["model"] == "scripted" and prov["execution"]["timeout_s"] == 5
     assert "| questions with a passing solution (records) | 1 |" in (a / "summary.md").read_text()
     # a rerun of everything is a no-op for the model: every item is done
