@@ -19,8 +19,10 @@ Python file in 20 is held out for the evaluations.
     Code Llama-Python: 6 train_code.py -> 7 train_python.py -> 8 train_longctx.py --base 1e6
     then sample.py --infill / --instruct and eval.py infill, ppl, retrieval, humaneval.
 
-Stage 5 trains on the records of stage 4: SmolLM2-135M rarely writes tests and a solution that
-agree, and when no record is kept the stage says so and is tried again on the next run.
+Stage 5 trains on the records of stage 4 together with a few dialogs written for this demo
+(DIALOGS below), which stand in for the paper's other instruction source, Llama 2's proprietary
+RLHF V5 dialogs (sec. 2.5): SmolLM2-135M rarely writes tests and a solution that agree, so stage 4
+alone often keeps no record at all.
 
 Each stage prints one line. A stage's output is in OUT/<stage>/ and its full log in OUT/logs/.
 Interrupted, the demo starts again where it stopped: finished stages are skipped (OUT/done/),
@@ -307,16 +309,41 @@ def stage_self_instruct(c):
                       f"{summary['with_passing_solution']} records"}
 
 
+# Written for this demo, in the chat record format self_instruct.py writes: a stand-in for the
+# paper's human-written instruction source (Llama 2's RLHF V5 set, sec. 2.5), which is not public.
+DIALOGS = [
+    ("Write a Python function that returns the largest of three numbers.",
+     "[PYTHON]\ndef largest(a, b, c):\n    return max(a, b, c)\n[/PYTHON]"),
+    ("How do I reverse a list in Python without changing the original?",
+     "Slice it with a step of -1: `items[::-1]` returns a new, reversed list.\n[PYTHON]\n"
+     "def reversed_copy(items):\n    return items[::-1]\n[/PYTHON]"),
+    ("Write a function counting the vowels in a string.",
+     "[PYTHON]\ndef count_vowels(text):\n    return sum(ch in 'aeiouAEIOU' for ch in text)\n"
+     "[/PYTHON]"),
+    ("What does `enumerate` do?",
+     "It pairs each item of an iterable with its index: `for i, x in enumerate(xs)` gives "
+     "(0, xs[0]), (1, xs[1]), and so on."),
+    ("Write a function that tells whether a number is prime.",
+     "[PYTHON]\ndef is_prime(n):\n    if n < 2:\n        return False\n    i = 2\n"
+     "    while i * i <= n:\n        if n % i == 0:\n            return False\n        i += 1\n"
+     "    return True\n[/PYTHON]"),
+    ("Write a function that merges two dictionaries, the second one winning on shared keys.",
+     "[PYTHON]\ndef merge(a, b):\n    return {**a, **b}\n[/PYTHON]"),
+]
+
+
 def stage_instruct(c):
-    # sec. 2.5: fine-tuned on the self-instruct dialogs, with a little code and text kept
-    records = c.out / "self_instruct/records.jsonl"
-    if not (ROOT / "train_instruct.py").exists():
-        return {"skipped": "train_instruct.py is not in this checkout yet"}
-    if not records.read_text().strip():
-        return {"skipped": "self-instruct kept no record (no solution passed its tests)"}
-    return train(c, "instruct", "train_instruct.py", c.out / "longctx",
-                 [records, c.shards / "code", c.shards / "nl"], c.size["instruct_steps"], 5e-4,
-                 seq=c.size["long_seq"])
+    # sec. 2.5: fine-tuned on dialogs (self-instruct's records and the demo's own), with a little
+    # code (6%) and text (2%) kept from the earlier stages (train_instruct.py's --mix)
+    records = (c.out / "self_instruct/records.jsonl").read_text().splitlines()
+    dialogs = [json.dumps({"messages": [{"role": "user", "content": q},
+                                        {"role": "assistant", "content": a}]}) for q, a in DIALOGS]
+    write_atomic(c.data / "instruct.jsonl", "".join(r + "\n" for r in records + dialogs))
+    row = train(c, "instruct", "train_instruct.py", c.out / "longctx",
+                [c.data / "instruct.jsonl", c.shards / "code", c.shards / "nl"],
+                c.size["instruct_steps"], 5e-4, seq=c.size["long_seq"])
+    return {**row, "metric": f"{len(records)} self-instruct records + {len(DIALOGS)} demo dialogs; "
+                             + row["metric"]}
 
 
 def stage_code(c):

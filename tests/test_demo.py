@@ -37,20 +37,16 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     assert len(lines) == len(demo.STAGES)
     for i, ((name, what, section, _), line) in enumerate(zip(demo.STAGES, lines)):
         assert line.startswith(f"[{i:2d}/{len(demo.STAGES) - 1}] {what} ({section})"), line
-    records = out / "self_instruct/records.jsonl"
-    kept = records.read_text().strip() != ""
     for name, *_ in demo.STAGES:
-        if name == "instruct" and not kept:
-            # SmolLM2-135M rarely writes a solution that passes its own tests: the stage then says
-            # why it did not run, and is tried again on the next run
-            assert "SKIPPED: self-instruct kept no record" in log
-            assert not (out / "done/instruct.json").exists()
-            continue
         assert (out / "done" / f"{name}.json").is_file(), name
     for name in demo.TRAINING:
-        if name != "instruct" or kept:
-            assert (out / name / "hf/config.json").is_file(), name
-            assert (out / name / "metrics.jsonl").read_text().count("\n") >= 2, name
+        assert (out / name / "hf/config.json").is_file(), name
+        assert (out / name / "metrics.jsonl").read_text().count("\n") >= 2, name
+    # the instruction stage trains on self-instruct's records (often none from SmolLM2-135M)
+    # and the demo's own dialogs, the stand-in for the paper's RLHF V5 source (sec. 2.5)
+    n_records = len((out / "self_instruct/records.jsonl").read_text().splitlines())
+    assert json.loads((out / "done/instruct.json").read_text())["metric"].startswith(
+        f"{n_records} self-instruct records + {len(demo.DIALOGS)} demo dialogs")
     # the long-context stages reset the RoPE base (sec. 2.4)
     for name in ("longctx", "longctx-python"):
         assert json.loads((out / name / "hf/config.json").read_text())["rope_theta"] == 1e6
@@ -72,21 +68,13 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     sample.main(["--infill", "--greedy", "--max-new-tokens", "4"])
     assert "def remove_non_ascii" in capsys.readouterr().out
 
-    # A second run after an interruption in the last stage: finished stages are skipped. Without
-    # self-instruct records, two hand-written ones stand in for them here, so the instruction
-    # stage and sample.py --instruct run too (the sample stage is redone to include it).
-    if not kept:
-        records.write_text("".join(json.dumps({"messages": [
-            {"role": "user", "content": f"Write a function that returns {k} plus its argument."},
-            {"role": "assistant", "content": f"def add_{k}(x):\n    return x + {k}\n"}]}) + "\n"
-            for k in (1, 2)))
+    # A second run after an interruption in the last stages: finished stages are skipped
     for name in ("sample", "eval-humaneval"):
         (out / f"done/{name}.json").unlink()
     again = run_demo(out)
     ran = [line for line in again.splitlines()
            if line.startswith("[") and not line.endswith("done before, skipped")]
-    assert len(ran) == 2 + (not kept), ran
-    assert (out / "instruct/hf/config.json").is_file()
+    assert len(ran) == 2, ran
     # the infilled docstring and the instruction model's answer
     assert (out / "samples.txt").read_text().count(" tokens/s]") == 2
     assert (out / "done/eval-humaneval.json").is_file()
