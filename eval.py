@@ -25,6 +25,7 @@ import re
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -335,6 +336,13 @@ def read_texts(path, extensions):
         raise SystemExit(f"error: --data: {e}")
     return [text for unit in units for text, _, reason, _ in read_unit(unit, settings)
             if reason is None]
+
+
+def checkpoint_name(ckpt) -> str:
+    """A run's name for a plot title: runs/longctx/hf -> runs/longctx (a training run's export is
+    always called hf)."""
+    path = Path(os.path.normpath(ckpt))
+    return str(path.parent if path.name == "hf" else path)
 
 
 def save_figure(fig, path):
@@ -665,8 +673,7 @@ def ppl(args):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("perplexity of positions [L/2, L)")
-        ax.set_title(f"{os.path.basename(os.path.normpath(args.ckpt))}, "
-                     f"rope_theta {model.args.rope_theta:g}")
+        ax.set_title(f"{checkpoint_name(args.ckpt)}, rope_theta {model.args.rope_theta:g}")
         ax.legend()
         save_figure(fig, os.path.join(args.out, "ppl.png"))
         plt.close(fig)
@@ -890,6 +897,8 @@ def retrieval(args):
                 ax.text(j, i, f"{a:.2f}", ha="center", va="center",
                         color="black" if a > 0.5 else "white")
         fig.colorbar(im, ax=ax, label="accuracy")
+        ax.set_title(f"key retrieval: {checkpoint_name(args.ckpt)}, rope_theta "
+                     f"{model.args.rope_theta:g}")
         save_figure(fig, os.path.join(args.out, "retrieval.png"))
         plt.close(fig)
     print(f"wrote {args.out}/retrieval.json, retrieval.md, samples.jsonl"

@@ -426,7 +426,7 @@ def evaluate(model, held_out, names, args, d: Dist, autocast) -> dict:
     return losses
 
 
-def setup_data(args, setup, d: Dist):
+def setup_data(args, setup, d: Dist, stream_flags=()):
     """Check the flags, load the tokenizer (a stage's `setup` may replace it and give a transform),
     tokenize raw sources once, and build this rank's share of the batch stream. Bad input ends the
     run here with a one-line message."""
@@ -447,7 +447,7 @@ def setup_data(args, setup, d: Dist):
         ckpts = complete_checkpoints(Path(args.out))
         if ckpts:
             saved = json.loads((ckpts[-1] / "args.json").read_text())
-            changed = [f for f in STREAM_FLAGS if saved.get(f) != vars(args)[f]]
+            changed = [f for f in (*STREAM_FLAGS, *stream_flags) if saved.get(f) != vars(args)[f]]
             if changed:
                 raise ValueError(f"{ckpts[-1]} was written with other --{', --'.join(changed)}: "
                                  "resuming would not continue that run; use another --out")
@@ -482,13 +482,14 @@ def start_log(out: Path, step: int, args, d: Dist):
     return metrics
 
 
-def run(args, setup=None):
+def run(args, setup=None, stream_flags=()):
     """Train with the engine. `setup(args, tok) -> (tok, transform)` is a stage's hook: the
     tokenizer to train with (a stage may add tokens) and its per-document transform (see
-    data.Batches)."""
+    data.Batches). `stream_flags`: the stage's own flags that shape the data stream (a resume with
+    other values is refused, as for STREAM_FLAGS)."""
     d = setup_distributed()
     out = Path(args.out)
-    tok, batches, ckpts = setup_data(args, setup, d)
+    tok, batches, ckpts = setup_data(args, setup, d, stream_flags)
     d.print(json.dumps(vars(args), indent=1))
     names = [Path(p).name or p for p, _ in data_sources(args)]
     names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]

@@ -79,5 +79,4 @@ if __name__ == "__main__":
     if args.lr is None:
         args.lr = peak_lr(args)
     # the FIM rates shape the data stream too: a resume with other values is refused
-    train.STREAM_FLAGS = (*train.STREAM_FLAGS, "fim_rate", "spm_rate")
-    train.run(args, setup)
+    train.run(args, setup, stream_flags=("fim_rate", "spm_rate"))
