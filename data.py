@@ -1256,9 +1256,14 @@ class Batches:
             if not ids:
                 continue
             ids, mask = np.concatenate(ids), np.concatenate(mask)
-            n = min(n_seqs, (len(ids) - 1) // L)
+            # the last sequence is filled with padding that is never a target, so that a small
+            # held-out set (a few dialogs of an instruction set) still gets a loss
+            n = min(n_seqs, -(-(len(ids) - 1) // L))
             if n == 0:
                 continue
+            pad = max(0, n * L + 1 - len(ids))
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int64)])
+            mask = np.concatenate([mask, np.zeros(pad, bool)])
             x = np.stack([ids[i * L:(i + 1) * L] for i in range(n)])
             y = np.stack([np.where(mask[i * L + 1:(i + 1) * L + 1], ids[i * L + 1:(i + 1) * L + 1],
                                    IGNORE) for i in range(n)])

@@ -135,13 +135,19 @@ def test_rehearsal_proportions_follow_the_mix(tokenizer, sources):  # noqa: F811
     assert sum(batches.drawn) == n
 
 
-def test_held_out_loss_of_a_chat_source_is_on_answers(tokenizer, sources):  # noqa: F811
+@pytest.mark.parametrize("seq_len", [64, 4096])  # 4,096: the held-out dialogs fill no sequence
+def test_held_out_loss_of_a_chat_source_is_on_answers(tokenizer, sources, seq_len):  # noqa: F811
     tok = Tokenizer.from_pretrained(tokenizer)
     chats = Dialogs(sources[0], tok, 256)
-    batches = Batches([chats], [1.0], 64, 4, seed=0, tok=tok, eval_docs=16)
+    batches = Batches([chats], [1.0], seq_len, 4, seed=0, tok=tok, eval_docs=16)
     [(s, x, y)] = batches.held_out(8)
     ids = np.concatenate([chats.tokens(int(d)) for d in batches.eval_ids[0]])
     mask = np.concatenate([chats.mask(int(d)) for d in batches.eval_ids[0]])
+    # the held-out dialogs, then padding (never a target) to the end of the last sequence
+    pad = max(0, x.size + 1 - len(ids))
+    assert pad < seq_len and (seq_len == 64 or len(x) == 1 and pad > 0)
+    ids = np.concatenate([ids, np.full(pad, tok.eos_id)])
+    mask = np.concatenate([mask, np.zeros(pad, bool)])
     flat = slice(1, x.size + 1)
     assert (x.ravel() == ids[:x.size]).all()
     assert ((y.ravel() != IGNORE) == mask[flat]).all() and (y.ravel()[mask[flat]] == ids[flat][
