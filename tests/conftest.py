@@ -11,6 +11,26 @@ LLAMA2_TOKENIZER = REPO.parent / "shared/data/llama2/tokenizer.model"
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A 1,024-piece Llama-style SentencePiece BPE (byte fallback, digits split, no normalization)
+    trained on the standard library's email package in a fraction of a second: the tiny preset then
+    has 3.5M parameters rather than 19M with Llama 2's 32,000 pieces, which keeps end-to-end
+    training runs fast."""
+    import os
+
+    import sentencepiece as spm
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    email = Path(os.__file__).parent / "email"
+    lines = [line for f in sorted(email.rglob("*.py")) for line in f.read_text().splitlines()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=1024,
+        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama2_tokenizer():
     """Path to Llama 2's SentencePiece tokenizer.model."""
     if not LLAMA2_TOKENIZER.is_file():

@@ -16,7 +16,7 @@ import pytest
 
 from data import (IGNORE, Batches, Dialogs, Tokenizer, chat_tokens, chatml_tokens, dialog_tokens,
                   is_dialogs, prepare)
-from test_longctx import STDLIB, tokenizer  # noqa: F401  (a tiny Llama-style SentencePiece)
+from test_longctx import STDLIB
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_chatml_mask_is_the_answers_and_their_end_token(smollm2_dir, tmp_path):
 # ---- rehearsal proportions ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sources(tokenizer, tmp_path_factory):  # noqa: F811
+def sources(tokenizer, tmp_path_factory):
     """A chat source of 300 dialogs and two prepared plain sources (code, and prose: the email
     package's docstrings as markdown)."""
     tmp = tmp_path_factory.mktemp("sources")
@@ -114,7 +114,7 @@ def sources(tokenizer, tmp_path_factory):  # noqa: F811
     return chat, tmp / "code", tmp / "nl"
 
 
-def test_rehearsal_proportions_follow_the_mix(tokenizer, sources):  # noqa: F811
+def test_rehearsal_proportions_follow_the_mix(tokenizer, sources):
     from data import Corpus
     tok = Tokenizer.from_pretrained(tokenizer)
     chat, code, nl = sources
@@ -136,7 +136,7 @@ def test_rehearsal_proportions_follow_the_mix(tokenizer, sources):  # noqa: F811
 
 
 @pytest.mark.parametrize("seq_len", [64, 4096])  # 4,096: the held-out dialogs fill no sequence
-def test_held_out_loss_of_a_chat_source_is_on_answers(tokenizer, sources, seq_len):  # noqa: F811
+def test_held_out_loss_of_a_chat_source_is_on_answers(tokenizer, sources, seq_len):
     tok = Tokenizer.from_pretrained(tokenizer)
     chats = Dialogs(sources[0], tok, 256)
     batches = Batches([chats], [1.0], seq_len, 4, seed=0, tok=tok, eval_docs=16)
@@ -156,7 +156,7 @@ def test_held_out_loss_of_a_chat_source_is_on_answers(tokenizer, sources, seq_le
 
 # ---- bad records, truncation --------------------------------------------------------------------
 
-def test_bad_records_are_skipped_and_counted(tokenizer, tmp_path):  # noqa: F811
+def test_bad_records_are_skipped_and_counted(tokenizer, tmp_path):
     tok = Tokenizer.from_pretrained(tokenizer)
     good = dialog(1)
     lines = [
@@ -194,7 +194,7 @@ def test_bad_records_are_skipped_and_counted(tokenizer, tmp_path):  # noqa: F811
     assert is_dialogs(gz) and Dialogs(gz, tok, 512).skipped == chats.skipped
 
 
-def test_empty_or_all_invalid_file_is_a_clear_error(tokenizer, tmp_path):  # noqa: F811
+def test_empty_or_all_invalid_file_is_a_clear_error(tokenizer, tmp_path):
     tok = Tokenizer.from_pretrained(tokenizer)
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
     with pytest.raises(ValueError, match=r"empty\.jsonl: no dialog to train on \(0 records"):
@@ -214,7 +214,7 @@ def test_chat_source_detection(tmp_path):
         is_dialogs(write_jsonl(tmp_path / "c.jsonl", ["", "{oops"]))
 
 
-def test_long_dialogs_are_cut_at_a_turn_boundary_or_dropped(tokenizer, tmp_path):  # noqa: F811
+def test_long_dialogs_are_cut_at_a_turn_boundary_or_dropped(tokenizer, tmp_path):
     tok = Tokenizer.from_pretrained(tokenizer)
     three = dialog(7, system=True, pairs=3)["messages"]
     sizes = [len(dialog_tokens(tok, three[:1 + 2 * k])[0]) for k in (1, 2, 3)]
@@ -243,7 +243,7 @@ def run(*cmd, input=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def instruct_run(tokenizer, sources, tmp_path_factory):  # noqa: F811
+def instruct_run(tokenizer, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("instruct")
     flags = ["--init", "tiny", "--tokenizer", tokenizer, "--data", *sources, "--out", out,
              "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch", "8", "--lr", "2e-3",
@@ -285,7 +285,7 @@ def test_sample_instruct_one_shot_interactive_and_refusal(instruct_run, capsys, 
         sample.main([*flags, "--prompt", "tell me <<SYS>> x"])
 
 
-def test_a_chat_file_that_is_not_json_is_a_clear_error(tokenizer, sources, tmp_path):  # noqa: F811
+def test_a_chat_file_that_is_not_json_is_a_clear_error(tokenizer, sources, tmp_path):
     import train
     import train_instruct
     bad = write_jsonl(tmp_path / "chat.jsonl", ["", "{broken"])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -23,21 +22,6 @@ from model import ModelArgs, Transformer, rope_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A 1,024-piece Llama-style BPE trained on the email package in a fraction of a second: the
-    tiny preset then has 3.5M parameters, not 19M with Llama 2's 32,000 pieces."""
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    lines = [line for f in sorted((STDLIB / "email").rglob("*.py"))
-             for line in f.read_text().splitlines()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=1024,
-        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2)
-    return path
 
 
 def run(*cmd):

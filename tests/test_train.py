@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 import train
@@ -26,21 +25,6 @@ STEPS = 10
 # One OpenMP thread per training process (torchrun does the same): on a busy 2-core machine two
 # threads keep waiting for each other, which made these runs 3x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A 1,024-piece SentencePiece BPE trained on the data in a fraction of a second, Llama-style
-    (byte fallback, digits split, no normalization): the tiny preset then has 3.5M parameters rather
-    than 19M with Llama 2's 32,000 pieces, which keeps these end-to-end runs fast."""
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    lines = [l for f in sorted(EMAIL.rglob("*.py")) for l in f.read_text().splitlines()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=1024,
-        model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2)
-    return path
 
 
 @pytest.fixture(scope="module")
