@@ -68,7 +68,9 @@ def bench_train(rounds, steps, batch, seq):
         theirs = transformers.LlamaForCausalLM(hf_cfg)
         models = {"ours": (ours, lambda m, t: m(t)),
                   "transformers": (theirs, lambda m, t: m(input_ids=t).logits)}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in models.items()}
+        # fused AdamW for both: train.py's optimizer, and transformers' Trainer default
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+                for k, (m, _) in models.items()}
 
         def runner(name):
             m, fwd = models[name]
