@@ -246,7 +246,8 @@ class Transformer(nn.Module):
         r = self._rope
         if r is None or r[0] != theta or r[1] != device or r[2].shape[0] < length:
             n = max(length, self.args.max_seq_len)
-            self._rope = (theta, device, *rope_tables(self.args.head_dim, n, theta, device))
+            with torch.inference_mode(False):  # built while sampling, still usable in training
+                self._rope = (theta, device, *rope_tables(self.args.head_dim, n, theta, device))
         return self._rope[2], self._rope[3]
 
     def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
