@@ -71,6 +71,17 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
 
 
+def test_a_model_that_sampled_can_still_train():
+    """generate runs under inference_mode; the rope tables it builds must still serve autograd."""
+    from sample import generate
+
+    m = random_model(*CONFIGS["gqa-1e6-untied"])
+    generate(m, [1, 2, 3], 4)
+    tokens = torch.randint(0, m.args.vocab_size, (2, 16), generator=gen(3))
+    m(tokens).sum().backward()  # inference tensors saved for backward would raise here
+    assert m.layers[0].attention.wq.weight.grad is not None
+
+
 def test_rope_depends_only_on_relative_position():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
