@@ -158,22 +158,31 @@ def bench_decode(rounds, new_tokens):
 
 # ------------------------------------------------------------------------------------------------
 LOAD_SNIPPET = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_bytes():
+    # VmHWM: this process image's peak resident set. Not ru_maxrss, which a child started by a big
+    # parent inherits (fork copies the parent's high-water mark, and exec keeps it).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
 if {which!r} == "ours":
     from model import Transformer
+    before = peak_bytes()
     m = Transformer.from_pretrained({folder!r}, dtype=torch.float32)
 else:
     import transformers
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_bytes()
     m = transformers.LlamaForCausalLM.from_pretrained({folder!r}, dtype=torch.float32)
 # safetensors may map the file rather than copy it: read every weight, so that the pages are
 # resident and counted, as they are once the model runs
 for p in m.parameters():
     p.float().sum()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+print(peak_bytes() - before)
 """
 
 
