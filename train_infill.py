@@ -9,7 +9,9 @@ Code Llama added four tokens for this (▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; 3
 Started from a model whose tokenizer lacks them (Llama 2), this script writes the extended
 tokenizer into OUT/tokenizer/ (data.extend_tokenizer: Code Llama's ids), the engine grows the
 embeddings to match (new rows start at the mean row) and the export OUT/hf/ carries the extended
-tokenizer.
+tokenizer. The held-out loss it logs is that of its own objective (the held-out documents go through
+the same transform, with fixed split points), so it is not comparable with another stage's plain
+next-token loss: bench/fim_vs_ar.py measures that one for FIM and plain runs alike.
 
 One CPU, the tiny preset on the interpreter's own standard library (a few minutes; only files that
 fit in one 256-token context become infilling examples, a minority of the library's files:
