@@ -8,10 +8,10 @@ backend; prints the summary table and the first accepted records.
 A rerun into the same --out resumes (or does nothing when the run is complete).
 
 Measured with --requests 8 (bf16, one thread, on 2 CPUs shared with other jobs; 37 min in three
-runs, --requests 2, 5 and 8, each resuming the one before): 69
-questions, 10 exact duplicates, 59 kept, 33 with >= 2 tests (18 whose asserts call no function, 7
-with one assert, 1 with none), 330 solutions (16 truncated, 17 unparsable), 5 passing, 3 records:
-9% of the questions with tests, 1.5% of the solutions (the paper: ~14,000 of 52,000 questions).
+runs, --requests 2, 5 and 8, each resuming the one before): 69 questions, 10 exact duplicates, 59
+kept, 33 with >= 2 tests (18 whose asserts call no function, 7 with one assert, 1 with none), 330
+solutions (16 truncated, 17 unparsable), 5 passing, 3 records: 9% of the questions with tests,
+1.5% of the solutions (the paper: ~14,000 of 52,000 questions).
 Tests dominate the time (1,254 s summed over 59 questions); most failures are the model's own
 tests contradicting each other. Of the 3 records, one solution returns a fixed list that its own
 weak tests accept: at this model size the filter keeps what agrees, not what is right.
