@@ -16,11 +16,13 @@ on files neither run trained on:
   trailing whitespace: eval.infill_exact), and the loss of the true middle in nats per character
   (comparable across modes, whose tokens differ).
 
-Corpus: the interpreter's standard library (its tests, idlelib and lib2to3 left out), every file
-cut where a top-level or nested `def`/`class` line starts, so that most documents fit in one
-256-token context and can be made into infilling examples (only those are, sec. 2.3). One file in
-20 (by a hash of its path) is held out. The tokenizer is a 2,000-piece SentencePiece BPE trained on
-the training files (Llama's settings: byte fallback, split digits), extended by train_infill.py
+Corpus: the interpreter's standard library (its tests, idlelib and lib2to3 left out; --corpus
+adds or replaces folders), every file cut where a top-level or nested `def`/`class` line starts,
+so that most documents fit in one 256-token context and can be made into infilling examples (only
+those are, sec. 2.3), tokenized once by every core. One file in 20 (by a hash of its path inside
+its folder, so the same file is held out on any machine) is held out. The tokenizer is a
+2,000-piece SentencePiece BPE trained on the first 32 MB of the training files (Llama's settings:
+byte fallback, split digits), extended by train_infill.py
 with the infilling tokens: the tiny preset is then 4.0M parameters instead of 19M with Llama 2's
 32,000 pieces. --tokenizer takes Llama 2's instead.
 
