@@ -22,9 +22,9 @@ so that most documents fit in one 256-token context and can be made into infilli
 those are, sec. 2.3), tokenized once by every core. One file in 20 (by a hash of its path inside
 its folder, so the same file is held out on any machine) is held out. The tokenizer is a
 2,000-piece SentencePiece BPE trained on the first 32 MB of the training files (Llama's settings:
-byte fallback, split digits), extended by train_infill.py
-with the infilling tokens: the tiny preset is then 4.0M parameters instead of 19M with Llama 2's
-32,000 pieces. --tokenizer takes Llama 2's instead.
+byte fallback, split digits), extended by train_infill.py with the infilling tokens: the tiny
+preset is then 4.0M parameters instead of 19M with Llama 2's 32,000 pieces. --tokenizer takes
+Llama 2's instead.
 
     python bench/fim_vs_ar.py --out runs/fim-vs-ar     # 36 min on 2 cores at load average 7-10
 
