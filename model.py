@@ -81,6 +81,8 @@ class ModelArgs:
 PRESETS = {
     # a few M parameters: the CPU tests and the demo (GQA on purpose, so tests cover it)
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=1024),
+    # ~23M non-embedding parameters: the FIM comparison at a size where infilling can emerge
+    "mini": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=1024),
     # ~100M non-embedding parameters, for CPU throughput measurements
     "small": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, max_seq_len=4096),
     # ~1B, for a one-GPU throughput check
@@ -166,6 +168,9 @@ def gqa_attention(q, k, v, causal: bool, offset: int = 0):
     0) needs an explicit mask: query t sees keys up to offset + t.
     """
     gqa = k.shape[1] != q.shape[1]
+    if torch.is_tensor(offset):  # one new token at a tensor position, over a whole static cache
+        mask = (torch.arange(k.shape[2], device=q.device) <= offset)[None, :]  # (1, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if not causal:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if offset == 0:
@@ -205,22 +210,34 @@ class KVCache:
     """Keys and values of the tokens seen so far, for incremental decoding.
 
     Created by the caller (`model.new_cache(...)`), never by the model, so the training forward pass
-    carries no state. Layout (layers, B, Hkv, max_len, D), the layout SDPA reads without a copy.
+    carries no state. One (B, Hkv, max_len, D) tensor per layer, the layout SDPA reads without a
+    copy, and one a compiled step can update in place.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
-        shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+        shape = (batch_size, args.kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+
+    @property
+    def max_len(self):
+        return self.k[0].shape[2]
 
     def update(self, layer, start_pos, k, v):
+        """Store k, v (B, Hkv, T, D) at start_pos; return the keys and values to attend to."""
+        if torch.is_tensor(start_pos):
+            # A position held in a tensor (sample.generate's compiled step): the shapes never
+            # change from one token to the next, so the whole cache is returned, and
+            # gqa_attention masks the positions not written yet.
+            self.k[layer].index_copy_(2, start_pos, k)
+            self.v[layer].index_copy_(2, start_pos, v)
+            return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; position {end} asked for")
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +272,12 @@ class Transformer(nn.Module):
         """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only
         the last position, and (T, V) logits of a 16k prompt would take 2 GB)."""
         T = tokens.shape[1]
-        cos, sin = self.rope(start_pos + T, tokens.device)
-        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        if torch.is_tensor(start_pos):  # (1,) position of a one-token step over a static cache
+            cos, sin = self.rope(cache.max_len, tokens.device)
+            cos, sin = cos.index_select(0, start_pos), sin.index_select(0, start_pos)
+        else:
+            cos, sin = self.rope(start_pos + T, tokens.device)
+            cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
         h = self.tok_embeddings(tokens)
         for block in self.layers:
             h = block(h, cos, sin, cache, start_pos)

@@ -504,11 +504,12 @@ class LocalBackend:
     """A checkpoint through our own model and sample.generate, one prompt at a time."""
     concurrency = 1
 
-    def __init__(self, ckpt, dtype=None, device="cpu"):
+    def __init__(self, ckpt, dtype=None, device="cpu", compile=False):
         import torch
         from sample import load
         self.torch = torch
         self.model, self.tok = load(ckpt, dtype, device)
+        self.compile = compile  # sample.generate's compiled decoding steps
         self.name = str(ckpt)
         # the checkpoint's own end token: </s> for Llama 2, <|im_end|> for SmolLM2-Instruct
         self.stop_ids = {self.tok.eos_id}
@@ -546,7 +547,7 @@ class LocalBackend:
         device = self.model.tok_embeddings.weight.device
         gen = self.torch.Generator(device=device).manual_seed(seed)
         rows = generate(self.model, prompt_ids, max_new_tokens, temperature, top_p, n,
-                        self.stop_ids, self.stopper(stop), gen)
+                        self.stop_ids, self.stopper(stop), gen, compile=self.compile)
         return [finish(self.decoder(prompt_ids)(ids), stop, len(ids) < max_new_tokens)
                 for ids in rows]
 

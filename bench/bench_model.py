@@ -9,7 +9,9 @@ run.
 - decode: greedy decode tokens/s of sample.generate vs transformers' generate on
 SmolLM2-135M-Instruct
   (the real model the tests convert from its GGUF), same prompt, same number of new tokens, prefill
-  excluded. Target: >= 1.3x in fp32; bf16 weights reported too.
+  excluded. Target: >= 1.3x in fp32; bf16 weights reported too. With --compile, both compiled
+  as well (fp32): ours through generate(compile=True), transformers through its static cache and
+  compile_config, Inductor's C++ wrapper for both; each compiles once before timing (minutes).
 - load: peak resident memory of Transformer.from_pretrained relative to the weights' size on disk
   (target <= 1.2x), with transformers' figure beside it.
 
@@ -112,7 +114,7 @@ def smollm2_folder():
     return cached_conversion()
 
 
-def bench_decode(rounds, new_tokens):
+def bench_decode(rounds, new_tokens, compile=False):
     import transformers
 
     from data import Tokenizer, format_dialog
@@ -123,14 +125,20 @@ def bench_decode(rounds, new_tokens):
     prompt = format_dialog(tok, [{"role": "user", "content": "Write a Python function that checks "
                                   "whether a string is a palindrome, with a docstring."}])
     rows = []
-    for dtype in [torch.float32, torch.bfloat16]:
+    runs = [(torch.float32, False), (torch.bfloat16, False)] + [(torch.float32, True)] * compile
+    for dtype, compiled in runs:
         ours = Transformer.from_pretrained(folder, dtype=dtype).eval()
         theirs = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         ids = torch.tensor([prompt])
+        static = {}
+        if compiled:
+            config = transformers.CompileConfig(mode=None, options={"cpp_wrapper": True})
+            config._compile_all_devices = True  # generate compiles only on GPUs without it
+            static = dict(cache_implementation="static", compile_config=config)
 
         def ours_time(n):
             t = time.perf_counter()
-            out = generate(ours, prompt, n, temperature=0.0)[0]
+            out = generate(ours, prompt, n, temperature=0.0, compile=compiled)[0]
             assert len(out) == n
             return time.perf_counter() - t
 
@@ -138,7 +146,8 @@ def bench_decode(rounds, new_tokens):
             t = time.perf_counter()
             with torch.no_grad():
                 out = theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+                                      attention_mask=torch.ones_like(ids), pad_token_id=0,
+                                      **static)
             assert out.shape[1] == len(prompt) + n
             return time.perf_counter() - t
 
@@ -146,9 +155,13 @@ def bench_decode(rounds, new_tokens):
         def rate(fn):
             return lambda: (new_tokens - 1) / (fn(new_tokens) - fn(1))
 
+        if compiled:  # compile first (timed), at the lengths the rounds use
+            for which, fn in [("ours", ours_time), ("transformers", theirs_time)]:
+                print(f"decode compiled: {which} compiles in {fn(new_tokens):.0f} s", flush=True)
+                fn(1)
         ours_time(4), theirs_time(4)  # warm-up
         rates = median_rates({"ours": rate(ours_time), "transformers": rate(theirs_time)}, rounds)
-        name = str(dtype).split(".")[-1]
+        name = str(dtype).split(".")[-1] + " compiled" * compiled
         rows.append({"dtype": name, "ours_tok_s": rates["ours"], "hf_tok_s": rates["transformers"],
                      "ratio": rates["ours"] / rates["transformers"]})
         print(f"decode {name}: ours {rates['ours']:.1f} tok/s, transformers "
@@ -213,6 +226,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true",
+                   help="decode: also both compiled (fp32), as sample.py --compile does")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
@@ -220,7 +235,7 @@ def main():
     if a.only in (None, "train"):
         results["train"] = bench_train(a.rounds, a.train_steps, a.batch, a.seq_len)
     if a.only in (None, "decode"):
-        results["decode"] = bench_decode(a.rounds, a.new_tokens)
+        results["decode"] = bench_decode(a.rounds, a.new_tokens, a.compile)
     if a.only in (None, "load"):
         results["load"] = bench_load()
     if a.json:
