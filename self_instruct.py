@@ -621,7 +621,7 @@ def make_backend(args):
             raise SystemExit("error: --backend local needs --ckpt")
         import torch
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-        return LocalBackend(args.ckpt, dtype, args.device)
+        return LocalBackend(args.ckpt, dtype, args.device, compile=args.compile)
     if not (args.base_url and args.model):
         raise SystemExit("error: --backend openai needs --base-url and --model")
     return OpenAIBackend(args.base_url, args.model, args.chat_format, args.concurrency,
@@ -980,6 +980,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
+                   "backend; minutes once, then faster: sample.py --compile)")
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://HOST:8000/v1")
     p.add_argument("--model", help="model name the server knows (--backend openai)")
     p.add_argument("--chat-format", choices=("llama2", "chatml"), default="llama2",
