@@ -48,7 +48,6 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     cache = model.new_cache(n, total)
     tokens = torch.tensor(prompt, device=device).expand(n, -1)
     logits = model(tokens, cache=cache, start_pos=0, last_only=True)[:, -1]  # prefill
-    step = model
     if compile:
         step = compiled_step(model)
         model.rope(total, device)  # the tables, built before the compiled steps read them
