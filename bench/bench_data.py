@@ -2,7 +2,7 @@
 process (mixing, packing, BOS/EOS, targets), with and without on-the-fly re-tokenization.
 
 Target: a loader process must outrun the ~10k tokens/s one H100 consumes training a 7B model
-(LESSONS.md anchors: 2.9-6.7k tokens/s/GPU for 8B under FSDP2) by 20x: 200k tokens/s.
+(torchtitan reports 2.9-6.7k tokens/s/GPU for Llama 3 8B under FSDP2) by 20x: 200k tokens/s.
 
     python bench/bench_data.py [--tokenizer ../shared/data/llama2/tokenizer.model] [--seconds 5]
 """

@@ -1,4 +1,5 @@
-"""Is infilling nearly free? Code Llama's Table 5 (and [FIM]'s FIM-for-free result) in miniature.
+"""Is infilling nearly free? Code Llama's Table 5 (and Bavarian et al. 2022's FIM-for-free result)
+in miniature.
 
 The tiny preset is trained twice through train_infill.py on the same Python corpus, for the same
 steps, from the same initial weights and data order: once with --fim-rate 0.9 (the paper's) and

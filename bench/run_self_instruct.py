@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 import self_instruct  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main():
     # which leaves no hidden test once duplicates are dropped.
     p.add_argument("--test-temperature", type=float, default=0.7)
     p.add_argument("--show", type=int, default=3, help="accepted records to print")
-    # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (LESSONS.md); the numbers
+    # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (AMX); the numbers
     # differ a little from the fp32 checkpoint's, which matters only to parity checks
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     args = p.parse_args()

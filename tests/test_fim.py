@@ -4,23 +4,19 @@ extension of a Llama 2 model to Code Llama's 32,016 ids by train_infill.py, and 
 --infill."""
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, STDLIB
 import sample
-from data import (IGNORE, Batches, Corpus, Document, Tokenizer, bos_eos, fim, fim_example,
-                  format_infill, prepare)
+from data import IGNORE, Batches, Corpus, Document, Tokenizer, bos_eos, format_infill, prepare
 from model import ModelArgs, Transformer
-
-ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(os.__file__).parent
+from train_infill import fim, fim_example
 
 
 @pytest.fixture(scope="module")
