@@ -31,6 +31,12 @@ def cut_at_stop(text, stop):
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
+def finish(text, stop, ended):
+    """Completion of a decoded generation; `ended`: it stopped before the token limit."""
+    text, hit = cut_at_stop(text, stop)
+    return Completion(text, "stop" if hit or ended else "length")
+
+
 class LocalBackend:
     """A checkpoint through our own model and sample.generate, one prompt at a time."""
     concurrency = 1
@@ -73,12 +79,6 @@ class LocalBackend:
                         self.stop_ids, self.stopper(stop), gen, compile=self.compile)
         return [finish(self.tok.continuation(prompt_ids)(ids), stop, len(ids) < max_new_tokens)
                 for ids in rows]
-
-
-def finish(text, stop, ended):
-    """Completion of a decoded generation; `ended`: it stopped before the token limit."""
-    text, hit = cut_at_stop(text, stop)
-    return Completion(text, "stop" if hit or ended else "length")
 
 
 class HFBackend(LocalBackend):
@@ -175,6 +175,26 @@ class OpenAIBackend:
                 raise RuntimeError(f"{self.url}: gave up after {attempt + 1} tries: {why}")
             print(f"{self.url}: {why}; retrying in {wait:.1f} s", file=sys.stderr, flush=True)
             time.sleep(wait)
+
+
+BACKENDS = {"local": "model.py", "hf": "transformers, the greedy reference",
+            "openai": "an OpenAI-compatible server"}
+
+
+def add_flags(p, kinds, device):
+    """The flags make_backend reads (besides --ckpt and --base-url): the backend among `kinds`, the
+    local checkpoint's dtype, device (default `device`) and compiling, the server's model name and
+    request handling."""
+    p.add_argument("--backend", choices=kinds, default="local",
+                   help="; ".join(f"{k}: {BACKENDS[k]}" for k in kinds))
+    p.add_argument("--model", help="model name the server knows (--backend openai)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
+    p.add_argument("--device", default=device)
+    p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
+                   "backend; minutes once, then faster: sample.py --compile)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")
+    p.add_argument("--retries", type=int, default=6, help="tries after the first (openai)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds (openai)")
 
 
 def make_backend(args):

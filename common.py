@@ -1,5 +1,5 @@
-"""What the scripts share around the model: atomic file writes, append-only JSONL, per-item seeds
-and a runner that works through items and appends one row per finished item.
+"""What the scripts share around the model: atomic file writes (figures too), append-only JSONL,
+per-item seeds and a runner that works through items and appends one row per finished item.
 
 A file is written whole or not at all (a temporary file beside it, then a rename), so a crash never
 leaves a half-written result for a rerun to trust. A long job (self-instruct's stages, HumanEval's
@@ -38,6 +38,24 @@ def write_atomic(path, data):
             os.unlink(tmp)
         raise
     return path
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure atomically, in the format of `path`'s extension."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+
+
+def pyplot():
+    """matplotlib's pyplot (without a display), or None with a message: plots are optional."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def read_jsonl(path):

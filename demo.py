@@ -46,6 +46,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from common import pyplot, save_figure, write_atomic
+
 ROOT = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 INCLUDE = Path(sysconfig.get_paths()["include"])
@@ -72,12 +74,6 @@ SIZES = {
 # --------------------------------------------------------------------------------------------------
 # Stage 0: data found on this machine (Code Llama sec. 2.2, Table 1: code, natural language related
 # to code, natural language), as JSONL files of {"text", "lang"}
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, records):
@@ -473,7 +469,6 @@ def run(c, log_name, cmd, append=False):
 def plot_losses(c):
     """OUT/loss.png: training loss against the tokens seen since the from-scratch start, one panel
     per branch of Fig. 2, one color per stage."""
-    from eval import pyplot, save_figure
     plt = pyplot()
     if plt is None:
         return

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backends import make_backend
-from common import JsonlWriter, item_seed, read_jsonl, run_items, write_atomic
+import backends
+from common import JsonlWriter, item_seed, pyplot, read_jsonl, run_items, save_figure, write_atomic
 from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units,
                   read_unit)
 from execution import check_programs, sandbox
@@ -163,7 +163,7 @@ def humaneval_model(args):
     print(f"humaneval: {len(problems)} problems, {len(problems) - len(todo)} done before, "
           f"{len(todo)} to generate", file=sys.stderr, flush=True)
     if todo:
-        backend = make_backend(args)
+        backend = backends.make_backend(args)
 
         def work(task_id):
             t0 = time.monotonic()
@@ -290,25 +290,6 @@ def checkpoint_name(ckpt) -> str:
     always called hf)."""
     path = Path(os.path.normpath(ckpt))
     return str(path.parent if path.name == "hf" else path)
-
-
-def save_figure(fig, path):
-    """Write a matplotlib figure atomically."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def pyplot():
-    """matplotlib's pyplot (without a display), or None with a message: plots are optional."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no PNG plot (pip install matplotlib)", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,17 +840,8 @@ def main(argv=None):
                       help="run the reference solutions (a harness check: all must pass)")
     what.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local or hf)")
     what.add_argument("--base-url", help="OpenAI-compatible server (--backend openai)")
-    he.add_argument("--backend", choices=["local", "hf", "openai"], default="local",
-                    help="local: model.py; hf: transformers (greedy reference); openai: a server")
-    he.add_argument("--model", help="model name the server knows (--backend openai)")
-    he.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="default: the checkpoint's")
-    he.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    he.add_argument("--compile", action="store_true", help="compile the decoding step (local "
-                    "backend; minutes once, then faster: worth it over all 164 problems)")
-    he.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")
-    he.add_argument("--retries", type=int, default=6, help="tries after the first (openai)")
-    he.add_argument("--request-timeout", type=float, default=600.0, help="seconds (openai)")
+    backends.add_flags(he, ("local", "hf", "openai"),
+                       device="cuda" if torch.cuda.is_available() else "cpu")
     he.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     # Table 2: pass@1 greedy; pass@10 and pass@100 at temperature 0.8, top-p 0.95, n = 200
     he.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -10,7 +10,8 @@ r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), ins
     python sample.py --ckpt out/code/hf --prompt "def f(" --compile   # compiled decoding steps
 
 Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token
-per step reading only the new token. `generate` is also the engine of self_instruct.py and eval.py.
+per step reading only the new token. `generate` is also the engine of backends.py (self-instruct,
+HumanEval) and eval.py.
 """
 
 import argparse

@@ -67,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from backends import make_backend
+import backends
 from common import JsonlWriter, item_seed, read_jsonl, run_items, write_atomic
 
 # ---------------------------------------------------------------------------------------------
@@ -689,19 +689,11 @@ def main(argv=None):
     p.add_argument("--stage", choices=("all",) + STAGES, default="all")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/N: this machine's part")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("local", "openai"), default="local")
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
-                   "backend; minutes once, then faster: sample.py --compile)")
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://HOST:8000/v1")
-    p.add_argument("--model", help="model name the server knows (--backend openai)")
+    backends.add_flags(p, ("local", "openai"), device="cpu")
     p.add_argument("--chat-format", choices=("llama2", "chatml"), default="llama2",
                    help="prompt layout sent to the server (--backend openai)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")
-    p.add_argument("--retries", type=int, default=6, help="tries after the first (openai)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds (openai)")
     # sec. 2.5: 62,000 questions asked 50 at a time (Fig. 10) = 1,240 requests
     p.add_argument("--requests", type=int, default=1240, help="question requests")
     p.add_argument("--questions-per-request", type=int, default=50)
@@ -739,7 +731,7 @@ def main(argv=None):
     for stage in stages:
         t0 = time.monotonic()
         if stage in ("questions", "tests", "solutions"):
-            backend = backend or make_backend(args)  # loaded once for all model stages
+            backend = backend or backends.make_backend(args)  # loaded once for all model stages
         if stage == "questions":
             stage_questions(args, backend)
         elif stage == "dedup":

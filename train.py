@@ -4,9 +4,12 @@ this: distributed set-up, model, optimizer, schedule, the loop, logging, checkpo
 A stage script is
 
     import train
-    DEFAULTS = dict(seq_len=4096, batch_tokens=4 * 2**20, lr=3e-4, steps=119_209)  # the paper's
-    def setup(args, tok):      # optional: the tokenizer to train with and the document transform,
-        return tok, transform  # transform(doc, rng) -> (ids, loss mask or None): see data.Batches
+    DEFAULTS = dict(seq_len=4096, batch_tokens=4 * 2**20, lr=None, steps=119_209)  # the paper's
+    def setup(args, tok, d):   # optional; runs inside the engine's checks (d: rank, world, device)
+        if args.lr is None:    # a default that depends on the model's size
+            args.lr = 1.5e-4 if train.model_args(args).num_params() > 20e9 else 3e-4
+        return tok, transform  # the tokenizer to train with, and transform(doc, rng) -> (ids,
+                               # loss mask or None), or None: see data.Batches
     if __name__ == "__main__":
         train.run(train.parser(**DEFAULTS).parse_args(), setup)
 
@@ -38,10 +41,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data import (IGNORE, Batches, Corpus, Dialogs, Tokenizer, is_dialogs, is_prepared, prepare,
-                  summary)
+from data import IGNORE, Batches, Corpus, Dialogs, is_dialogs, is_prepared, prepare, summary
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
                    load_weights, parallelize)
+from tokenizer import Tokenizer
 
 # Dense peak FLOP/s per device, (bf16, fp32), for MFU. GPUs: NVIDIA datasheets (no sparsity). CPU:
 # per core, the matmul rates measured on this project's 2-core Xeon machines (AMX bf16: about 1,500

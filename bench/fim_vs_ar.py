@@ -107,6 +107,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_atomic  # noqa: E402
 from data import format_infill, prepare, summary  # noqa: E402
 from eval import infill_decoder, infill_exact  # noqa: E402
 from sample import generate, load  # noqa: E402
@@ -139,18 +140,16 @@ def split_files(roots, max_mb):
 
 def write_corpus(files, path):
     """One JSONL record per definition-sized piece of each file."""
-    n = 0
-    with open(path.with_suffix(".tmp"), "w") as out:
-        for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            pieces = DEFINITION.split(text)
-            for k, piece in enumerate(pieces):
-                piece += "\n" if k + 1 < len(pieces) else ""  # the split ate a line end
-                if piece.strip():
-                    out.write(json.dumps({"text": piece, "lang": "python"}) + "\n")
-                    n += 1
-    os.replace(path.with_suffix(".tmp"), path)
-    return n
+    rows = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        pieces = DEFINITION.split(text)
+        for k, piece in enumerate(pieces):
+            piece += "\n" if k + 1 < len(pieces) else ""  # the split ate a line end
+            if piece.strip():
+                rows.append(json.dumps({"text": piece, "lang": "python"}) + "\n")
+    write_atomic(path, "".join(rows))
+    return len(rows)
 
 
 def train_tokenizer(files, path, vocab_size, max_mb=32):

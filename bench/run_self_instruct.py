@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+import common  # noqa: E402
 import self_instruct  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main():
         "--question-tokens", str(args.question_tokens), "--test-tokens", str(args.test_tokens),
         "--solution-tokens", str(args.solution_tokens),
         "--test-temperature", str(args.test_temperature)])
-    records = self_instruct.read_jsonl(Path(args.out, "records.jsonl"))
+    records = common.read_jsonl(Path(args.out, "records.jsonl"))
     print(f"\n{len(records)} records; the first {min(args.show, len(records))}:")
     for r in records[:args.show]:
         print(json.dumps({k: r[k] for k in ("qid", "messages", "tests")}, indent=1))
