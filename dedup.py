@@ -1,0 +1,418 @@
+"""Near-deduplication of a code corpus, the step before `data.py prepare`.
+
+Code Llama trains on "publicly available, near-deduplicated" code (sec. 2.2) and says no more; this
+follows BigCode's recipe for The Stack and StarCoder: exact duplicates removed by content hash, then
+near duplicates found by MinHash over 5-grams of code tokens with locality-sensitive hashing (LSH),
+one document kept per cluster. The engine is datatrove (Hugging Face's data library): its exact and
+MinHash stages run as tasks, on this machine's cores (LocalPipelineExecutor) or as Slurm job arrays
+on many machines (SlurmPipelineExecutor), the same stages either way.
+
+It reads what `prepare` reads (directories of source files, .jsonl / .jsonl.gz, .parquet), through
+data.py's own readers and filters, and writes what `prepare` reads: OUT/00000.jsonl, 00001.jsonl,
+... (one per work unit, each line {"content", "lang", "source"}) and OUT/summary.json (documents in,
+exact and near duplicates removed, clusters, bytes kept).
+
+    pip install -r requirements-dedup.txt        # datatrove: only this step needs it
+    python dedup.py --data /usr/lib/python3.11 --out /tmp/dedup     # every core of this machine
+    python data.py prepare --data /tmp/dedup/*.jsonl --tokenizer tokenizer.model --out /tmp/shards
+
+Many machines: the same stages as Slurm job arrays chained by dependencies; this command submits
+them and returns (OUT on a disk every node sees; summary.json appears when the last one is done):
+
+    python dedup.py --data /shared/crawl/*.jsonl.gz --out /shared/dedup --shard-mb 256 \
+        --slurm-partition cpu --slurm-time 12:00:00
+
+Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
+tasks); once done it only prints the summary again: the output never changes.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data import EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units, \
+    read_unit
+
+try:
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+    from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter,
+                                                      ExactDedupSignature, ExactFindDedups)
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
+                                                  MinhashDedupCluster, MinhashDedupFilter,
+                                                  MinhashDedupSignature)
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+except ImportError as e:  # the engine is an optional install: training never needs it
+    MISSING = (f"dedup.py needs datatrove ({(e.name or '?').split('.')[0]} is missing): "
+               "pip install -r requirements-dedup.txt")
+    if __name__ == "__main__":
+        raise SystemExit(f"error: {MISSING}") from None
+    raise ImportError(MISSING) from None
+
+FORMAT = "codellama-dedup-1"
+
+# Jaccard similarity of 5-gram sets above which two files are near duplicates. The Stack v1
+# (Kocetkov et al. 2022) removed pairs above 0.85; the SantaCoder report (Allal et al. 2023) found
+# more aggressive near-deduplication gave better models, and StarCoder (Li et al. 2023) then used
+# 5-grams at 0.7. We take 0.7: a fork with a changed comment or a few renamed variables is well
+# above it, while two files that only share a licence header are far below it (tests/test_dedup.py).
+THRESHOLD = 0.7
+NGRAM = 5
+NUM_PERM = 256  # MinHash permutations, as BigCode: the estimate's standard error is ~0.03
+SEED = 1  # of the permutations: every task must draw the same ones
+# sha1 (in the standard library) rather than datatrove's default xxhash, one package fewer; 64 bits
+# keep collisions of shingles and of whole files (exact dedup) negligible.
+HASH = HashConfig(precision=64, hash_fc="sha1")
+# Code tokens: runs of letters, digits and underscores (identifiers, keywords, numbers), in any
+# script. BigCode splits on non-alphanumerics the same way; unlike datatrove's default (English
+# words of lower-cased text with numbers normalized) it keeps case and numbers, which are meaning in
+# code, and ignores layout and punctuation, so re-indenting or reformatting changes nothing.
+TOKEN = re.compile(r"\w+")
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows): two documents become candidates when all `rows` MinHashes of one of `bands`
+    bands agree, which happens with probability 1 - (1 - s^rows)^bands at Jaccard similarity s. The
+    pair minimizes the area of false positives (s < threshold) plus false negatives (s >= threshold)
+    under that S-curve, with bands * rows <= num_perm (the criterion datasketch uses too)."""
+    s = np.linspace(0.0, 1.0, 1001)
+    best = None
+    for rows in range(1, num_perm + 1):
+        for bands in range(1, num_perm // rows + 1):
+            p = 1 - (1 - s ** rows) ** bands
+            error = np.trapezoid(np.where(s < threshold, p, 0.0), s) + \
+                np.trapezoid(np.where(s >= threshold, 1 - p, 0.0), s)
+            if best is None or error < best[0]:
+                best = (error, bands, rows)
+    return best[1], best[2]
+
+
+def shingles(text: str, n: int = NGRAM) -> set[str]:
+    """The set of n-grams of code tokens of a text (a text under n tokens has none)."""
+    tokens = TOKEN.findall(text)
+    return {" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def jaccard(a: str, b: str, n: int = NGRAM) -> float:
+    """The exact Jaccard similarity of two texts' shingle sets, which MinHash estimates."""
+    x, y = shingles(a, n), shingles(b, n)
+    return len(x & y) / max(1, len(x | y))
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline steps of our own: reading with data.py, counting, writing what `prepare` reads. Task
+# `rank` of a reading stage reads work unit `rank`, so every pass sees the same documents in the
+# same order: datatrove's stages name documents by (task, position).
+
+
+class ReadUnit(PipelineStep):
+    """Yield the documents of work unit `rank` that data.py's filters keep (what `prepare` would
+    tokenize); with `stats`, also count them and the skipped ones by reason."""
+    name, type = "read with data.py", "codellama"
+
+    def __init__(self, units, settings, stats=None):
+        super().__init__()
+        self.units, self.settings, self.stats_dir = units, settings, stats
+
+    def run(self, data=None, rank=0, world_size=1):
+        docs, n_bytes, skipped = 0, 0, {}
+        for text, lang, reason, where in read_unit(self.units[rank], self.settings):
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            size = len(text.encode("utf-8"))
+            docs, n_bytes = docs + 1, n_bytes + size
+            yield Document(text=text, id=where, metadata={"lang": lang, "bytes": size})
+        if self.stats_dir:
+            counts = {"documents": docs, "bytes": n_bytes, "skipped": skipped}
+            write_atomic(Path(self.stats_dir) / f"{rank:05d}.json", json.dumps(counts))
+
+
+class Count(PipelineStep):
+    """Pass documents through, counting them, their bytes, and (with `cluster_key`) those that
+    stand for a cluster of exact copies: datatrove's exact filter leaves their number of removed
+    copies on the copy it keeps."""
+    name, type = "count", "codellama"
+
+    def __init__(self, stats, cluster_key=None):
+        super().__init__()
+        self.stats_dir, self.cluster_key = stats, cluster_key
+
+    def run(self, data, rank=0, world_size=1):
+        docs, n_bytes, clusters = 0, 0, 0
+        for doc in data:
+            docs, n_bytes = docs + 1, n_bytes + doc.metadata["bytes"]
+            clusters += bool(self.cluster_key and doc.metadata[self.cluster_key] > 0)
+            yield doc
+        counts = {"documents": docs, "bytes": n_bytes, "clusters": clusters}
+        write_atomic(Path(self.stats_dir) / f"{rank:05d}.json", json.dumps(counts))
+
+
+class WriteJsonl(PipelineStep):
+    """Write the kept documents of task `rank` as OUT/{rank:05d}.jsonl, atomically: the fields
+    `prepare` reads (content, lang) and where each came from (source)."""
+    name, type = "write jsonl", "codellama"
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def run(self, data, rank=0, world_size=1):
+        path = Path(self.out) / f"{rank:05d}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in data:
+                f.write(json.dumps({"content": doc.text, "lang": doc.metadata["lang"],
+                                    "source": doc.id}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return iter(())
+
+
+class Summarize(PipelineStep):
+    """The last stage (one task): add up the per-task counts into OUT/summary.json, then delete the
+    signatures and duplicate lists, which are big and no longer needed (logs and counts stay)."""
+    name, type = "summarize", "codellama"
+
+    def __init__(self, out, header):
+        super().__init__()
+        self.out, self.header = out, header
+
+    def run(self, data=None, rank=0, world_size=1):
+        work = Path(self.out) / "work"
+
+        def total(stage):
+            files = sorted((work / "counts" / stage).glob("*.json"))
+            counts = [json.loads(f.read_text()) for f in files]
+            return {k: sum(c[k] for c in counts) for k in counts[0] if k != "skipped"}, counts
+
+        read, per_task = total("read")
+        exact, _ = total("exact")
+        kept, _ = total("kept")
+        # near clusters: the distinct ids of the (document, cluster id) pairs of the cluster stage
+        ids = [np.fromfile(f, np.uint32)[1::2]
+               for f in sorted((work / "minhash_clusters").glob("*.clusters"))]
+        near_clusters = len(np.unique(np.concatenate(ids))) if ids else 0
+        skipped = {}
+        for c in per_task:
+            for reason, n in c["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        summary = {**self.header, "complete": True,
+                   "documents_in": read["documents"], "bytes_in": read["bytes"],
+                   "skipped": dict(sorted(skipped.items())),
+                   "exact_duplicates": read["documents"] - exact["documents"],
+                   "exact_clusters": exact["clusters"],
+                   "near_duplicates": exact["documents"] - kept["documents"],
+                   "near_clusters": near_clusters,
+                   "documents_kept": kept["documents"], "bytes_kept": kept["bytes"],
+                   "shards": [f"{i:05d}.jsonl" for i in range(len(per_task))]}
+        write_atomic(Path(self.out) / "summary.json", json.dumps(summary, indent=1) + "\n")
+        for folder in ("exact_sigs", "exact_dups", "minhash_sigs", "minhash_buckets",
+                       "minhash_clusters"):
+            shutil.rmtree(work / folder, ignore_errors=True)
+        return iter(())
+
+
+def text_of(doc: Document) -> str:  # what exact dedup hashes (the annotation picks the hash)
+    return doc.text
+
+
+class CodeTokens(WordTokenizer):
+    """Code tokens behind datatrove's word-tokenizer interface (which would otherwise load spaCy
+    for English). MinHash only asks for words; lines stand for a file's sentences."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return TOKEN.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in re.finditer(r"[^\n]+", text)]
+
+
+class CodeMinhashSignature(MinhashDedupSignature):
+    """datatrove's MinHash signatures over our code shingles instead of its English words of
+    normalized text (lower-cased, numbers replaced, punctuation removed)."""
+
+    def __init__(self, output_folder, config):
+        super().__init__(output_folder, config, language=CodeTokens())
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        grams = shingles(text, self.config.n_grams)
+        return np.fromiter((self._hash_func(g) for g in grams), np.uint64,
+                           len(grams)).reshape(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages
+
+
+def stages(units, settings, out, header, minhash):
+    """(name, pipeline, tasks) of each stage, in order; each stage starts once the one before it
+    is done. Reading stages run one task per work unit; the bucket stages one per LSH band."""
+    work, bands = f"{out}/work", minhash.num_buckets
+    exact = ExactDedupConfig(content_getter=text_of, hash_config=HASH)
+
+    def read(stats=None):
+        return ReadUnit(units, settings, stats)
+
+    return [
+        # 1. a 64-bit hash of every document's text, split by hash range into one file per band
+        ("exact_signatures", [read(), ExactDedupSignature(f"{work}/exact_sigs", exact,
+                                                          finder_workers=bands)], len(units)),
+        # 2. per hash range: merge the sorted hashes of all tasks, list every copy but one
+        ("exact_duplicates", [ExactFindDedups(f"{work}/exact_sigs", f"{work}/exact_dups", exact)],
+         bands),
+        # 3. MinHash signatures of what exact dedup keeps, one sorted file per band and task
+        ("minhash_signatures", [read(), ExactDedupFilter(f"{work}/exact_dups", exact),
+                                CodeMinhashSignature(f"{work}/minhash_sigs", minhash)],
+         len(units)),
+        # 4. per band: documents whose band of signature is equal are candidate pairs
+        ("minhash_buckets", [MinhashDedupBuckets(f"{work}/minhash_sigs", f"{work}/minhash_buckets",
+                                                 config=minhash)], bands),
+        # 5. union-find over all pairs: clusters, and every member but one to remove
+        ("minhash_clusters", [MinhashDedupCluster(f"{work}/minhash_buckets",
+                                                  f"{work}/minhash_clusters", config=minhash,
+                                                  save_cluster_id=True)], 1),
+        # 6. read again, drop both kinds of duplicates, write what `prepare` reads
+        ("write", [read(f"{work}/counts/read"),
+                   ExactDedupFilter(f"{work}/exact_dups", exact),
+                   Count(f"{work}/counts/exact", "duplicate_count"),
+                   MinhashDedupFilter(f"{work}/minhash_clusters"),
+                   Count(f"{work}/counts/kept"),
+                   WriteJsonl(out)], len(units)),
+        ("summary", [Summarize(out, header)], 1),
+    ]
+
+
+def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM,
+          shard_mb=64, extensions=None, text_fields=("content", "text"),
+          max_file_bytes=MAX_FILE_BYTES, max_line_chars=MAX_LINE_CHARS,
+          max_mean_line_chars=MAX_MEAN_LINE_CHARS, slurm_partition=None, slurm_time="12:00:00"):
+    """Deduplicate `inputs` (what `prepare` reads) into `out`; returns summary.json's content, or
+    None when the stages were submitted to Slurm. Resumes; a finished `out` is returned as is, and
+    `out` holding another run's output (other inputs or settings) is an error."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold {threshold}: a Jaccard similarity strictly between 0 and 1")
+    out = Path(out).resolve()
+    settings = dict(shard_mb=shard_mb, extensions=extensions or EXTENSIONS,
+                    text_fields=list(text_fields), max_file_bytes=max_file_bytes,
+                    max_line_chars=max_line_chars, max_mean_line_chars=max_mean_line_chars)
+    inputs = [str(Path(p).resolve()) for p in inputs]
+    units = list_units(inputs, settings)
+    bands, rows = lsh_bands(threshold, num_perm)
+    header = {"format": FORMAT, "inputs": inputs, "settings": settings, "units": len(units),
+              "plan": hashlib.sha256(json.dumps(units).encode()).hexdigest(),
+              "threshold": threshold, "ngram": ngram, "num_perm": num_perm, "bands": bands,
+              "rows": rows}
+    plan = out / "work" / "plan.json"
+    for path in (out / "summary.json", plan):
+        if path.exists():
+            old = json.loads(path.read_text())
+            if any(old.get(k) != v for k, v in header.items()):
+                raise ValueError(f"{out} holds the dedup of other inputs or settings: use another "
+                                 "folder")
+            if old.get("complete"):
+                return old
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    for stage in ("read", "exact", "kept"):
+        (out / "work" / "counts" / stage).mkdir(parents=True, exist_ok=True)
+    write_atomic(plan, json.dumps(header, indent=1))
+
+    minhash = MinhashConfig(n_grams=ngram, num_buckets=bands, hashes_per_bucket=rows, seed=SEED,
+                            hash_config=HASH)
+    previous = None
+    for name, pipeline, tasks in stages(units, settings, str(out), header, minhash):
+        logs = f"{out}/work/logs/{name}"
+        if slurm_partition:  # submitted now, run by Slurm once `previous` has finished
+            previous = SlurmPipelineExecutor(pipeline, tasks=tasks, time=slurm_time,
+                                             partition=slurm_partition, depends=previous,
+                                             job_name=f"dedup_{name}", logging_dir=logs,
+                                             slurm_logs_folder=f"{out}/work/slurm/{name}")
+        else:  # forkserver (datatrove's default): safe when the caller holds threads
+            LocalPipelineExecutor(pipeline, tasks=tasks, logging_dir=logs,
+                                  workers=min(tasks, workers or os.cpu_count() or 1)).run()
+    if slurm_partition:
+        previous.run()  # launches the whole chain, first stage first
+        return None
+    return json.loads((out / "summary.json").read_text())
+
+
+def report(s: dict) -> str:
+    pct = lambda n: f"{100 * n / max(1, s['documents_in']):.1f}%"  # noqa: E731
+    skipped = ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()) or "none"
+    return (f"{s['documents_in']:,} documents in ({s['bytes_in'] / 1e6:,.1f} MB; skipped by the "
+            f"filters: {skipped}); exact duplicates removed {s['exact_duplicates']:,} "
+            f"({pct(s['exact_duplicates'])}) in {s['exact_clusters']:,} clusters; near duplicates "
+            f"removed {s['near_duplicates']:,} ({pct(s['near_duplicates'])}) in "
+            f"{s['near_clusters']:,} clusters (Jaccard >= {s['threshold']}, {s['bands']} bands x "
+            f"{s['rows']} rows); kept {s['documents_kept']:,} documents, "
+            f"{s['bytes_kept'] / 1e6:,.1f} MB in {len(s['shards'])} shards")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True,
+                   help="directories of source files, .jsonl(.gz) or .parquet files (as prepare)")
+    p.add_argument("--out", required=True,
+                   help="folder for the deduplicated NNNNN.jsonl shards and summary.json")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="processes on this machine (without --slurm-partition)")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
+                   help="Jaccard similarity of 5-gram sets above which files are near duplicates")
+    p.add_argument("--ngram", type=int, default=NGRAM, help="code tokens per shingle")
+    p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
+    p.add_argument("--shard-mb", type=float, default=64,
+                   help="input megabytes per work unit: one task and one output shard each")
+    p.add_argument("--ext", default=None,
+                   help="comma-separated extensions to read from directories, e.g. py,pyi; "
+                        "None: all in data.EXTENSIONS")
+    p.add_argument("--text-field", nargs="+", default=["content", "text"],
+                   help="JSONL/Parquet fields holding the text, the first present is used")
+    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
+    p.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
+    p.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    p.add_argument("--slurm-partition", default=None,
+                   help="submit the stages as Slurm job arrays to this partition instead")
+    p.add_argument("--slurm-time", default="12:00:00", help="time limit of each Slurm task")
+    args = p.parse_args(argv)
+    extensions = None
+    if args.ext:
+        wanted = {"." + e.strip().lstrip(".").lower() for e in args.ext.split(",")}
+        if unknown := wanted - set(EXTENSIONS):
+            p.error(f"--ext: unknown extension(s) {', '.join(sorted(unknown))}")
+        extensions = {e: lang for e, lang in EXTENSIONS.items() if e in wanted}
+    t0 = time.time()
+    try:
+        summary = dedup(args.data, args.out, workers=args.workers, threshold=args.threshold,
+                        ngram=args.ngram, num_perm=args.num_perm, shard_mb=args.shard_mb,
+                        extensions=extensions, text_fields=args.text_field,
+                        max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
+                        max_mean_line_chars=args.max_mean_line_chars,
+                        slurm_partition=args.slurm_partition, slurm_time=args.slurm_time)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if summary is None:
+        print(f"submitted to Slurm; {args.out}/summary.json appears when the last stage is done")
+    else:
+        print(f"{args.out}: {report(summary)} ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
