@@ -59,6 +59,7 @@ except ImportError as e:  # the engine is an optional install: training never ne
     raise ImportError(MISSING) from None
 
 FORMAT = "codellama-dedup-1"
+ROOT = Path(__file__).resolve().parent  # on each Slurm task's PYTHONPATH: it imports data.py
 
 # Jaccard similarity of 5-gram sets above which two files are near duplicates. The Stack v1
 # (Kocetkov et al. 2022) removed pairs above 0.85; the SantaCoder report (Allal et al. 2023) found
@@ -77,6 +78,7 @@ HASH = HashConfig(precision=64, hash_fc="sha1")
 # words of lower-cased text with numbers normalized) it keeps case and numbers, which are meaning in
 # code, and ignores layout and punctuation, so re-indenting or reformatting changes nothing.
 TOKEN = re.compile(r"\w+")
+LINE = re.compile(r"[^\n]+")
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -239,10 +241,10 @@ class CodeTokens(WordTokenizer):
         return TOKEN.findall(text)
 
     def sent_tokenize(self, text: str) -> list[str]:
-        return text.splitlines()
+        return [m.group() for m in LINE.finditer(text)]
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        return [m.span() for m in re.finditer(r"[^\n]+", text)]
+        return [m.span() for m in LINE.finditer(text)]
 
 
 class CodeMinhashSignature(MinhashDedupSignature):
@@ -296,6 +298,7 @@ def stages(units, settings, out, header, minhash):
                    MinhashDedupFilter(f"{work}/minhash_clusters"),
                    Count(f"{work}/counts/kept"),
                    WriteJsonl(out)], len(units)),
+        # 7. add up the counts of every task: summary.json
         ("summary", [Summarize(out, header)], 1),
     ]
 
@@ -303,7 +306,8 @@ def stages(units, settings, out, header, minhash):
 def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM,
           shard_mb=64, extensions=None, text_fields=("content", "text"),
           max_file_bytes=MAX_FILE_BYTES, max_line_chars=MAX_LINE_CHARS,
-          max_mean_line_chars=MAX_MEAN_LINE_CHARS, slurm_partition=None, slurm_time="12:00:00"):
+          max_mean_line_chars=MAX_MEAN_LINE_CHARS, slurm_partition=None, slurm_time="12:00:00",
+          slurm_mem_gb=2):
     """Deduplicate `inputs` (what `prepare` reads) into `out`; returns summary.json's content, or
     None when the stages were submitted to Slurm. Resumes; a finished `out` is returned as is, and
     `out` holding another run's output (other inputs or settings) is an error."""
@@ -342,8 +346,10 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
         if slurm_partition:  # submitted now, run by Slurm once `previous` has finished
             previous = SlurmPipelineExecutor(pipeline, tasks=tasks, time=slurm_time,
                                              partition=slurm_partition, depends=previous,
+                                             mem_per_cpu_gb=slurm_mem_gb,
                                              job_name=f"dedup_{name}", logging_dir=logs,
-                                             slurm_logs_folder=f"{out}/work/slurm/{name}")
+                                             slurm_logs_folder=f"{out}/work/slurm/{name}",
+                                             env_command=f"export PYTHONPATH={ROOT}:$PYTHONPATH")
         else:  # forkserver (datatrove's default): safe when the caller holds threads
             LocalPipelineExecutor(pipeline, tasks=tasks, logging_dir=logs,
                                   workers=min(tasks, workers or os.cpu_count() or 1)).run()
@@ -391,6 +397,8 @@ def main(argv=None):
     p.add_argument("--slurm-partition", default=None,
                    help="submit the stages as Slurm job arrays to this partition instead")
     p.add_argument("--slurm-time", default="12:00:00", help="time limit of each Slurm task")
+    p.add_argument("--slurm-mem-gb", type=int, default=2,
+                   help="memory of each Slurm task; the clustering task holds every duplicate pair")
     args = p.parse_args(argv)
     extensions = None
     if args.ext:
@@ -405,7 +413,8 @@ def main(argv=None):
                         extensions=extensions, text_fields=args.text_field,
                         max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
                         max_mean_line_chars=args.max_mean_line_chars,
-                        slurm_partition=args.slurm_partition, slurm_time=args.slurm_time)
+                        slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
+                        slurm_mem_gb=args.slurm_mem_gb)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     if summary is None:

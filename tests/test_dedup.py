@@ -186,3 +186,55 @@ def test_lsh_bands_follow_the_threshold():
         assert p(threshold + 0.1) > 0.9 and p(threshold - 0.2) < 0.05
         assert 0.3 < p(threshold) < 0.7
     assert dedup.lsh_bands(0.7, 256) == (25, 10)
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# Slurm's sbatch, as far as dedup.py needs it: record the job, run its array tasks one by one
+# (dependencies hold, since datatrove submits each stage after the one it depends on), print the id.
+n=$(ls "$FAKE_SLURM" | grep -c '\.sh$')
+script="${@: -1}"
+cp "$script" "$FAKE_SLURM/job_$n.sh"
+echo "$@" > "$FAKE_SLURM/job_$n.args"
+if grep -q launch_pickled_pipeline "$script"; then
+    last=$(sed -n 's/^#SBATCH --array=0-\([0-9]*\).*/\1/p' "$script")
+    for i in $(seq 0 "$last"); do
+        SLURM_ARRAY_TASK_ID=$i SLURM_NODELIST=localhost bash "$script" \
+            >> "$FAKE_SLURM/tasks.log" 2>&1 || exit 1
+    done
+fi
+echo "Submitted batch job $((n + 100))"
+"""
+FAKE_SRUN = """#!/bin/bash
+while [ "$1" != launch_pickled_pipeline ]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo localhost  # scontrol show hostnames localhost
+"""
+
+
+def test_slurm_stages_run_as_job_arrays(corpus, result, tmp_path, monkeypatch):
+    """The Slurm path end to end, with sbatch, srun and scontrol played by small scripts: 7 stages
+    submitted as job arrays chained by afterok, each task a fresh process that imports dedup.py and
+    data.py, and the same output as on one machine."""
+    if shutil.which("launch_pickled_pipeline") is None:
+        pytest.skip("datatrove's launch_pickled_pipeline is not on PATH")
+    bin_dir, jobs = tmp_path / "bin", tmp_path / "jobs"
+    bin_dir.mkdir(), jobs.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(jobs))
+    src = corpus["inputs"][0] / "lib/json"  # one unit, and 4 permutations: one band, 7 tasks
+    local = dedup.dedup([src], tmp_path / "local", workers=1, num_perm=4)
+    out = tmp_path / "slurm"
+    assert dedup.dedup([src], out, num_perm=4, slurm_partition="cpu") is None
+    stages = [a for a in sorted(jobs.glob("job_*.args"), key=lambda p: int(p.stem[4:]))
+              if "launch_pickled_pipeline" in a.with_suffix(".sh").read_text()]
+    assert len(stages) == 7, (jobs / "tasks.log").read_text()[-3000:]
+    assert "--dependency" not in stages[0].read_text()
+    assert all("--dependency=afterok:" in a.read_text() for a in stages[1:])
+    assert json.loads((out / "summary.json").read_text()) == local
+    for shard in (tmp_path / "local").glob("*.jsonl"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
