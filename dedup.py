@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from data import EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS
     read_unit
 
 try:
+    import multiprocess  # datatrove's multiprocessing (pickles with dill)
     from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
     from datatrove.pipeline.base import PipelineStep
@@ -340,6 +340,9 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
 
     minhash = MinhashConfig(n_grams=ngram, num_buckets=bands, hashes_per_bucket=rows, seed=SEED,
                             hash_config=HASH)
+    # datatrove's local workers come from a forkserver, which lives as long as this process: with
+    # the engine imported there once, each stage's workers start as forks, not fresh interpreters
+    multiprocess.set_forkserver_preload(["datatrove.executor", "datatrove.pipeline.dedup", "data"])
     previous = None
     for name, pipeline, tasks in stages(units, settings, str(out), header, minhash):
         logs = f"{out}/work/logs/{name}"

@@ -11,6 +11,7 @@ where SITE is `python -c "import sysconfig; print(sysconfig.get_paths()['purelib
 
 import argparse
 import hashlib
+import os
 import sys
 import sysconfig
 import tempfile
@@ -34,15 +35,18 @@ def main():
     from data import EXTENSIONS
     extensions = {e: lang for e, lang in EXTENSIONS.items() if e in ext}
     digests = {}
-    print("| processes | documents in | MB in | seconds | documents/s | MB/s | exact removed | "
-          "near removed (clusters) | kept |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"load average before: {os.getloadavg()[0]:.1f} (the machine is shared)")
+    print("| processes | documents in | MB in | seconds | documents/s | MB/s | CPU seconds | "
+          "exact removed | near removed (clusters) | kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             s = dedup(args.data, out, workers=workers, shard_mb=args.shard_mb,
                       extensions=extensions)
             seconds = time.perf_counter() - t0
+            # with one process every task runs in this one: its CPU time is the whole cost
+            cpu = f"{time.process_time() - cpu0:.1f}" if workers == 1 else "-"
             h = hashlib.sha256()
             for shard in sorted(Path(out).glob("*.jsonl")):
                 h.update(shard.read_bytes())
@@ -50,7 +54,7 @@ def main():
         n, mb = s["documents_in"], s["bytes_in"] / 1e6
         exact, near = s["exact_duplicates"], s["near_duplicates"]
         print(f"| {workers} | {n:,} | {mb:,.1f} | {seconds:.1f} | {n / seconds:,.0f} | "
-              f"{mb / seconds:.2f} | {exact:,} ({100 * exact / n:.1f}%) | {near:,} "
+              f"{mb / seconds:.2f} | {cpu} | {exact:,} ({100 * exact / n:.1f}%) | {near:,} "
               f"({100 * near / n:.1f}%, {s['near_clusters']:,}) | {s['documents_kept']:,} "
               f"({s['bytes_kept'] / 1e6:,.1f} MB, {100 * s['bytes_kept'] / s['bytes_in']:.1f}% "
               "of bytes) |", flush=True)
