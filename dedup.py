@@ -313,6 +313,8 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
     `out` holding another run's output (other inputs or settings) is an error."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold}: a Jaccard similarity strictly between 0 and 1")
+    if ngram < 1 or num_perm < 1:
+        raise ValueError(f"ngram {ngram} and num_perm {num_perm}: both must be at least 1")
     out = Path(out).resolve()
     settings = dict(shard_mb=shard_mb, extensions=extensions or EXTENSIONS,
                     text_fields=list(text_fields), max_file_bytes=max_file_bytes,
