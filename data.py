@@ -790,6 +790,33 @@ class Dialogs:
 # Command line
 
 
+def add_reader_flags(p):
+    """The flags choosing what is read from a source and what the filters skip: `prepare`'s, and
+    dedup.py's, which reads the same way before it."""
+    p.add_argument("--ext", default=None,
+                   help="comma-separated extensions to read from directories, e.g. py,pyi for "
+                        "Python only; None: all in data.EXTENSIONS")
+    p.add_argument("--text-field", nargs="+", default=["content", "text"],
+                   help="JSONL/Parquet fields holding the text, the first present is used")
+    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
+    p.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
+    p.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+
+
+def reader_settings(p, args) -> dict:
+    """The keyword arguments of `prepare` (and dedup.dedup) that add_reader_flags' flags set."""
+    extensions = None
+    if args.ext:
+        wanted = {"." + e.strip().lstrip(".").lower() for e in args.ext.split(",")}
+        unknown = wanted - set(EXTENSIONS)
+        if unknown:
+            p.error(f"--ext: unknown extension(s) {', '.join(sorted(unknown))}")
+        extensions = {e: lang for e, lang in EXTENSIONS.items() if e in wanted}
+    return dict(extensions=extensions, text_fields=args.text_field,
+                max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
+                max_mean_line_chars=args.max_mean_line_chars)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize a data source once, into shards for training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -801,28 +828,12 @@ def main(argv=None):
     q.add_argument("--out", required=True, help="folder for the shards")
     q.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes")
     q.add_argument("--shard-mb", type=float, default=256, help="input megabytes per shard")
-    q.add_argument("--ext", default=None,
-                   help="comma-separated extensions to read from directories, e.g. py,pyi for "
-                        "Python only; None: all in data.EXTENSIONS")
-    q.add_argument("--text-field", nargs="+", default=["content", "text"],
-                   help="JSONL/Parquet fields holding the text, the first present is used")
-    q.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
-    q.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
-    q.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    add_reader_flags(q)
     args = p.parse_args(argv)
-    extensions = None
-    if args.ext:
-        wanted = {"." + e.strip().lstrip(".").lower() for e in args.ext.split(",")}
-        unknown = wanted - set(EXTENSIONS)
-        if unknown:
-            p.error(f"--ext: unknown extension(s) {', '.join(sorted(unknown))}")
-        extensions = {e: lang for e, lang in EXTENSIONS.items() if e in wanted}
     t0 = time.time()
     try:
         meta = prepare(args.data, args.tokenizer, args.out, workers=args.workers,
-                       shard_mb=args.shard_mb, extensions=extensions, text_fields=args.text_field,
-                       max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
-                       max_mean_line_chars=args.max_mean_line_chars)
+                       shard_mb=args.shard_mb, **reader_settings(q, args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.out}: {summary(meta)} ({time.time() - t0:.1f}s)")

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units, \
-    read_unit
+from common import write_atomic
+from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS,
+                  add_reader_flags, list_units, read_unit, reader_settings)
 
 try:
     import multiprocess  # datatrove's multiprocessing (pickles with dill)
@@ -110,12 +111,6 @@ def jaccard(a: str, b: str, n: int = NGRAM) -> float:
     return len(x & y) / max(1, len(x | y))
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------
 # Pipeline steps of our own: reading with data.py, counting, writing what `prepare` reads. Task
 # `rank` of a reading stage reads work unit `rank`, so every pass sees the same documents in the
@@ -175,13 +170,12 @@ class WriteJsonl(PipelineStep):
         self.out = out
 
     def run(self, data, rank=0, world_size=1):
-        path = Path(self.out) / f"{rank:05d}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in data:
-                f.write(json.dumps({"content": doc.text, "lang": doc.metadata["lang"],
-                                    "source": doc.id}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for doc in data:
+                    f.write(json.dumps({"content": doc.text, "lang": doc.metadata["lang"],
+                                        "source": doc.id}, ensure_ascii=False) + "\n")
+        write_atomic(Path(self.out) / f"{rank:05d}.jsonl", write)
         return iter(())
 
 
@@ -391,35 +385,19 @@ def main(argv=None):
     p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
     p.add_argument("--shard-mb", type=float, default=64,
                    help="input megabytes per work unit: one task and one output shard each")
-    p.add_argument("--ext", default=None,
-                   help="comma-separated extensions to read from directories, e.g. py,pyi; "
-                        "None: all in data.EXTENSIONS")
-    p.add_argument("--text-field", nargs="+", default=["content", "text"],
-                   help="JSONL/Parquet fields holding the text, the first present is used")
-    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
-    p.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
-    p.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    add_reader_flags(p)
     p.add_argument("--slurm-partition", default=None,
                    help="submit the stages as Slurm job arrays to this partition instead")
     p.add_argument("--slurm-time", default="12:00:00", help="time limit of each Slurm task")
     p.add_argument("--slurm-mem-gb", type=int, default=2,
                    help="memory of each Slurm task; the clustering task holds every duplicate pair")
     args = p.parse_args(argv)
-    extensions = None
-    if args.ext:
-        wanted = {"." + e.strip().lstrip(".").lower() for e in args.ext.split(",")}
-        if unknown := wanted - set(EXTENSIONS):
-            p.error(f"--ext: unknown extension(s) {', '.join(sorted(unknown))}")
-        extensions = {e: lang for e, lang in EXTENSIONS.items() if e in wanted}
     t0 = time.time()
     try:
         summary = dedup(args.data, args.out, workers=args.workers, threshold=args.threshold,
                         ngram=args.ngram, num_perm=args.num_perm, shard_mb=args.shard_mb,
-                        extensions=extensions, text_fields=args.text_field,
-                        max_file_bytes=args.max_file_bytes, max_line_chars=args.max_line_chars,
-                        max_mean_line_chars=args.max_mean_line_chars,
                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                        slurm_mem_gb=args.slurm_mem_gb)
+                        slurm_mem_gb=args.slurm_mem_gb, **reader_settings(p, args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     if summary is None:
