@@ -23,7 +23,8 @@ them and returns (OUT on a disk every node sees; summary.json appears when the l
         --slurm-partition cpu --slurm-time 12:00:00
 
 Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
-tasks); once done it only prints the summary again: the output never changes.
+tasks); once done it only prints the summary again: the output never changes. datatrove logs each
+task to stderr and to OUT/work/logs/STAGE/; the signatures in OUT/work are deleted at the end.
 """
 import argparse
 import hashlib
