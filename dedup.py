@@ -261,20 +261,22 @@ class CodeMinhashSignature(MinhashDedupSignature):
 
 def stages(units, settings, out, header, minhash):
     """(name, pipeline, tasks) of each stage, in order; each stage starts once the one before it
-    is done. Reading stages run one task per work unit; the bucket stages one per LSH band."""
+    is done. Reading stages run one task per work unit; the bucket stages one per LSH band; exact
+    duplicates are found in as many hash ranges as there are units, at most one per band."""
     work, bands = f"{out}/work", minhash.num_buckets
+    ranges = min(len(units), bands)
     exact = ExactDedupConfig(content_getter=text_of, hash_config=HASH)
 
     def read(stats=None):
         return ReadUnit(units, settings, stats)
 
     return [
-        # 1. a 64-bit hash of every document's text, split by hash range into one file per band
+        # 1. a 64-bit hash of every document's text, one sorted file per hash range
         ("exact_signatures", [read(), ExactDedupSignature(f"{work}/exact_sigs", exact,
-                                                          finder_workers=bands)], len(units)),
+                                                          finder_workers=ranges)], len(units)),
         # 2. per hash range: merge the sorted hashes of all tasks, list every copy but one
         ("exact_duplicates", [ExactFindDedups(f"{work}/exact_sigs", f"{work}/exact_dups", exact)],
-         bands),
+         ranges),
         # 3. MinHash signatures of what exact dedup keeps, one sorted file per band and task
         ("minhash_signatures", [read(), ExactDedupFilter(f"{work}/exact_dups", exact),
                                 CodeMinhashSignature(f"{work}/minhash_sigs", minhash)],
