@@ -98,7 +98,8 @@ def _enter_namespace(plan, chan):
 
     def read_only(path):  # the mount at `path` and every mount under it, in one call
         attr = ctypes.create_string_buffer(struct.pack("QQQQ", 1, 0, 0, 0))  # MOUNT_ATTR_RDONLY
-        # mount_setattr(AT_FDCWD, path, AT_RECURSIVE, ...): syscall 442 on every architecture
+        # mount_setattr(AT_FDCWD, path, AT_RECURSIVE, ...): syscall 442 on x86-64, arm64 and
+        # every architecture that had it from the start (Linux 5.12)
         check(libc.syscall(442, -100, path.encode(), 0x8000, attr, 32), "mount_setattr " + path)
 
     def mount(source, target, fstype, flags, data):
@@ -218,7 +219,7 @@ _PROBE = "import decimal, fractions, json\n"  # pure-Python and C modules import
 class Sandbox(NamedTuple):
     mode: str       # "bwrap", "unshare", or "unisolated" (on the host, under rlimits only)
     drop_uid: bool  # run programs as an unprivileged uid (only when we are root)
-    why: str        # why bubblewrap is not used ("" when it is)
+    why: str        # why the routes before this one are not used ("" for bubblewrap)
 
 
 _SANDBOX: Sandbox | None = None  # decided once per process by sandbox()
@@ -249,10 +250,12 @@ def sandbox(require_isolation=False, allow_unisolated=False):
         if not _WARNED:
             _WARNED = True
             bar = "!" * 100
-            print(f"{bar}\nexecution.py: WARNING: no sandbox ({sb.why}).\nGenerated programs run"
-                  " on this host under rlimits and a process-group kill only: NO network\n"
-                  "isolation, NO filesystem isolation (they read, write and delete what their"
-                  f" uid may). Install\nbubblewrap ({INSTALL}) to isolate them.\n{bar}",
+            who = ("their uid may" if sb.drop_uid or os.geteuid() else
+                   "ROOT may (this interpreter is not readable by an unprivileged uid)")
+            print(f"{bar}\nexecution.py: WARNING: no sandbox ({sb.why}).\n"
+                  "Generated programs run on this host under rlimits and a process-group kill"
+                  " only:\nNO network isolation, NO filesystem isolation: they read, write and"
+                  f" delete what {who}.\nInstall bubblewrap ({INSTALL}) to isolate them.\n{bar}",
                   file=sys.stderr, flush=True)
     return sb
 
@@ -270,8 +273,6 @@ def _detect(routes=("bwrap", "unshare")):
         whys.append(f"{mode} failed: " + (r.stderr.strip().splitlines() or [r.detail])[-1])
     why = "; ".join(whys) or "no sandbox tried"
     drop = root and _check(_PROBE, 10.0, 512, Sandbox("unisolated", True, why)).status == "passed"
-    if root and not drop:
-        why += "; this interpreter is not readable by an unprivileged uid, so programs run AS ROOT"
     return Sandbox("unisolated", drop, why)
 
 
