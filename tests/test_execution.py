@@ -1,9 +1,10 @@
 """The sandbox against hostile programs, plus the HumanEval harness pieces of eval.py.
 
-Each battery runs its programs concurrently in two waves (CPU hogs last, so that they cannot starve
-the programs whose verdict depends on finishing in time), then every test checks one program's
-verdict and what it left behind. Processes are found afterwards by a per-run marker that the
-hostile programs put in their command lines (they re-execute themselves with it).
+Each battery (bubblewrap, unshare, unisolated) runs its programs WORKERS at a time in two waves (CPU
+hogs last, so that they cannot starve the programs whose verdict depends on finishing in time), then
+every test checks one program's verdict and what it left behind. Processes are found afterwards by
+a per-run marker that the hostile programs put in their command lines (they re-execute themselves
+with it).
 """
 import itertools
 import json
