@@ -146,6 +146,7 @@ def _enter_namespace(plan, chan):
         os.setgroups([])
         os.setgid(plan["uid"])
         os.setuid(plan["uid"])
+        check(libc.prctl(1, 9, 0, 0, 0), "PR_SET_PDEATHSIG")  # a uid change cleared --kill-child
     else:  # root of the user namespace: it keeps that uid (our own on the host), not its powers
         check(libc.capset(struct.pack("Ii", 0x20080522, 0), bytes(24)), "capset")  # version 3
     # This process is the namespace's first process: the program runs in a child, this one reaps
@@ -658,6 +659,8 @@ def _kill(child):
     # Killing the namespace's first process makes the kernel kill every process in it.
     # --die-with-parent (bwrap) or --kill-child (unshare) covers the case where it is not known.
     proc, uid, run_tag = child.proc, child.uid, child.run_tag
+    if child.mode == "unshare" and child.init_fd is None and not child.exited:  # before it started
+        child.init_fd = _find_init(proc.pid)
     if child.init_fd is not None:
         try:
             signal.pidfd_send_signal(child.init_fd, signal.SIGKILL)

@@ -444,6 +444,21 @@ def test_isolated_environment_hidden(isolated_battery):
     assert "'HOME', '/tmp'" in r.stdout
 
 
+@pytest.mark.parametrize("route", ["bwrap", "unshare"])
+def test_isolated_startup_timeout_leaves_nothing(route, monkeypatch):
+    # A program text so long that the runner is still reading or compiling it (after its uid
+    # change) when the start-up deadline passes: the kill must still take the whole namespace.
+    sb = execution._detect(routes=(route,))
+    if sb.mode != route:
+        pytest.skip(f"{route} unavailable: {sb.why}")
+    monkeypatch.setattr(execution, "STARTUP_S", 0.5)
+    program = "x = 1\n" * 1_500_000 + marked("startup", "import time\ntime.sleep(60)\n")
+    r = execution._check(program, TIMEOUT, 2048, sb)
+    assert r.status == "timeout", r
+    assert leftovers(marker("startup")) == []
+    assert leftovers("_enter_namespace", grace_s=0) == []  # no sandbox's first process either
+
+
 # ---------------------------------------------------------------------------------------------
 # Unisolated, the opt-in where no sandbox works (forced here, so it is tested where one does)
 
