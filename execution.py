@@ -421,6 +421,7 @@ def _check(program_text, timeout, memory_mb, sb):
 
 
 def _run(program_text, timeout, memory_mb, sb, uid):
+    # Start the sandbox, feed and watch the program, leave nothing of it running, judge it.
     t0 = time.monotonic()
     secret = secrets.token_hex(16).encode()  # the runner echoes it after the last line
     parent_chan, child_chan = socket.socketpair()
