@@ -34,7 +34,7 @@ import backends
 from common import JsonlWriter, item_seed, pyplot, read_jsonl, run_items, save_figure, write_atomic
 from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units,
                   read_unit)
-from execution import IsolationUnavailable, check_programs, sandbox
+from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 from model import DTYPES
 from prompts import format_infill
 from sample import generate, load
@@ -475,14 +475,6 @@ def infill(args):
             print(f"- {r['task_id']} {r['mode']}: {r['status']} exact={r['exact']}: {r['detail']}")
         return 1 if bad else 0
     return 0
-
-
-def add_isolation_flags(p):
-    p.add_argument("--unsafe-no-isolation", action="store_true",
-                   help="where no sandbox works (bubblewrap, unshare), run the programs on this "
-                   "host anyway, under rlimits only (execution.py); otherwise eval.py refuses")
-    # from when running unisolated was the default: isolation is required now, whatever is passed
-    p.add_argument("--require-isolation", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_infill_parser(commands):

@@ -763,6 +763,16 @@ class _Progress:
             print(file=sys.stderr, flush=True)
 
 
+def add_isolation_flags(parser):
+    """The flags of every command that runs generated programs (here, eval.py, self_instruct.py)."""
+    parser.add_argument("--unsafe-no-isolation", action="store_true",
+                        help="where no sandbox works (bubblewrap, unshare), run the generated "
+                        "programs on this host anyway, under rlimits only: they can reach the "
+                        "network and write what your uid can")
+    # From when running unisolated was the default: isolation is required now, whatever is passed.
+    parser.add_argument("--require-isolation", action="store_true", help=argparse.SUPPRESS)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run one Python file in the sandbox; print a "
                                      "JSON line with its status.")
@@ -770,11 +780,7 @@ def main():
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="seconds it may run after it started")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit")
-    parser.add_argument("--unsafe-no-isolation", action="store_true",
-                        help="where no sandbox works, run the program on this host anyway, under "
-                        "rlimits only: it can reach the network and write what your uid can")
-    # from when running unisolated was the default; isolation is required now, whatever is passed
-    parser.add_argument("--require-isolation", action="store_true", help=argparse.SUPPRESS)
+    add_isolation_flags(parser)
     args = parser.parse_args()
     with open(args.file, encoding="utf-8") as f:
         program = f.read()

