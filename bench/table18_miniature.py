@@ -50,10 +50,10 @@ Writes OUT/table18.md (the grid laid out as Tables 17/18, the perplexities, the 
 from the numbers), OUT/table18.json and OUT/table18.png (a retrieval heatmap per model, and
 perplexity vs length).
 
-CPU, the smallest settings (tiny preset, L = 64; about 6 minutes on 2 busy cores; nothing
+CPU, the smallest settings (tiny preset, L = 256; about 7 minutes on 2 busy cores; nothing
 retrieves at this size, it checks the pipeline):
 
-    python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 64 \\
+    python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 256 \\
         --short-steps 20 --long-steps 4 --batch-tokens 2048 --vocab 1024 --samples 2 \\
         --tokens-per-length 1024 --threads 1
 
@@ -389,6 +389,9 @@ def main():
         env["OMP_NUM_THREADS"] = str(args.threads)
     jobs = args.jobs or (16 if torch.cuda.is_available() else 1)
     L = args.short_len
+    if L < 256:  # the key function and the question take ~50 tokens: at L/2 most must be code
+        sys.exit(f"error: --short-len {L}: at least 256, so that the check's L/2-token prompts "
+                 "are mostly haystack")
     b = 1e4 * L / 4096 if args.geometry == "scaled" else 1e4
     lengths = [L, 2 * L, 4 * L, 6 * L]
     t0 = time.time()
@@ -482,7 +485,7 @@ def main():
           f"{args.preset} preset, {args.vocab}-piece BPE, {args.geometry} geometry (b = {b:g}, "
           f"100b = {100 * b:g}); `short`: {S} steps of {args.batch_tokens} tokens at L = {L}, "
           f"{kv}; each LCFT run: {LS} steps at {4 * L} tokens, plain code, LR {args.long_lr:g}; "
-          f"{args.samples} prompts per cell, held-out standard-library haystacks"
+          f"{args.samples} prompts per cell, haystacks of held-out files"
           + (f"; steps sized by a probe ({steps['tokens_per_s']:,.0f} tokens/s) for "
              f"{args.train_seconds:g} s of training" if steps["tokens_per_s"] else "") + ".", "",
           f"`short` retrieves within L (mean over positions at L/2 = {L // 2}: "
