@@ -85,6 +85,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import pyplot, save_figure, write_atomic  # noqa: E402
 from eval import PROMPT_END, haystack_files  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from train import flops_per_token  # noqa: E402
@@ -101,12 +102,6 @@ NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score",
 assert not any(f"{v}_{n}()" in PROMPT_END for v in VERBS for n in NOUNS)
 DOCSTRINGS = ("", '    """The configured value."""\n', '    """Checked below."""\n',
               "    # fixed by the caller\n")
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def split_corpus(out: Path, roots: list, heldout_percent: int, max_mb: float) -> tuple[Path, Path]:
@@ -301,12 +296,9 @@ def grid_table(grid: dict, about: dict, L: int, positions) -> list[str]:
 
 
 def plot(out: Path, grid: dict, ppl: dict, about: dict, L: int, positions):
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("no figure: matplotlib is not installed (pip install -r requirements-dev.txt)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     lengths = [k * L for k in (1, 2, 4, 6)]
     fig = plt.figure(figsize=(3.2 * len(grid), 7.5))
     gs = fig.add_gridspec(2, len(grid), height_ratios=[1, 1.1], hspace=0.45)
@@ -338,9 +330,7 @@ def plot(out: Path, grid: dict, ppl: dict, about: dict, L: int, positions):
     ax.legend(fontsize=8)
     fig.suptitle("Table 18 in miniature: key retrieval accuracy (%) by length and key position; "
                  "held-out perplexity")
-    tmp = out / ".table18.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, out / "table18.png")
+    save_figure(fig, out / "table18.png")
     plt.close(fig)
 
 
