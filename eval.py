@@ -253,7 +253,10 @@ def load_model(args):
     if args.ckpt is None:
         raise SystemExit(f"error: eval.py {args.command} needs --ckpt")
     dtype = DTYPES.get(args.dtype)
-    return load(args.ckpt, dtype, args.device)
+    model, tok = load(args.ckpt, dtype, args.device)
+    if args.base is not None:  # the rotation tables follow the field (model.Transformer.rope)
+        model.args.rope_theta = args.base
+    return model, tok
 
 
 def add_model_flags(p, ckpt_help):
@@ -261,6 +264,9 @@ def add_model_flags(p, ckpt_help):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: the checkpoint's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--base", type=float, default=None,
+                   help="RoPE base for this evaluation instead of the checkpoint's (Table 18: a "
+                        "larger base at inference alone, without long-context fine-tuning)")
 
 
 def parse_ints(text, flag):
@@ -585,7 +591,8 @@ def ppl(args):
               "files": len(docs), "tokens_per_length": args.tokens_per_length, "seed": args.seed,
               "scored": "positions [L/2, L) of each window", "bos": bool(bos),
               "max_position_embeddings": model.args.max_seq_len,
-              "rope_theta": model.args.rope_theta, "rows": rows}
+              "rope_theta": model.args.rope_theta, "rope_scale": model.args.rope_scale,
+              "rows": rows}
     md = [f"# Perplexity vs context length: {args.ckpt}", "",
           "| length | windows | files | scored tokens | ppl |", "|---|---|---|---|---|"]
     md += [f"| {r['length']} | {r['windows']} | {r['files']} | {r['scored_tokens']} | "
@@ -800,7 +807,8 @@ def retrieval(args):
         raise SystemExit(f"error: {e}")
     result = {"ckpt": args.ckpt, "data": args.data or "humaneval programs",
               "haystack_files": len(files), "samples": args.samples, "seed": args.seed,
-              "rope_theta": model.args.rope_theta, "cells": cells}
+              "rope_theta": model.args.rope_theta, "rope_scale": model.args.rope_scale,
+              "cells": cells}
     grid = {(c["length"], c["position"]): c["accuracy"] for c in cells}
     md = [f"# Key retrieval accuracy: {args.ckpt}", "",
           "| length | " + " | ".join(f"pos {p:g}" for p in positions) + " |",
@@ -828,7 +836,8 @@ def retrieval(args):
                         color="black" if a > 0.5 else "white")
         fig.colorbar(im, ax=ax, label="accuracy")
         ax.set_title(f"key retrieval: {checkpoint_name(args.ckpt)}, rope_theta "
-                     f"{model.args.rope_theta:g}")
+                     f"{model.args.rope_theta:g}" + (f", positions / {model.args.rope_scale:g}"
+                                                     if model.args.rope_scale != 1 else ""))
         save_figure(fig, os.path.join(args.out, "retrieval.png"))
         plt.close(fig)
     print(f"wrote {args.out}/retrieval.json, retrieval.md, samples.jsonl"

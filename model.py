@@ -41,6 +41,11 @@ class ModelArgs:
     head_dim_override: int | None = None  # explicit head_dim where a config gives one
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # 1e4 for Llama 2, 1e6 for Code Llama (sec. 2.4)
+    # Linear position interpolation (Chen et al. 2023, "Extending context window of large language
+    # models via positional interpolation"): positions are divided by this factor, so every
+    # frequency is scaled by its inverse. 1: none, as in every released Code Llama; Table 18's
+    # ablation of the base change scales the frequencies by 1/4 (factor 4).
+    rope_scale: float = 1.0
     max_seq_len: int = 4096  # max_position_embeddings; the RoPE tables grow past it on demand
     tie_embeddings: bool = False  # Llama 2 / Code Llama: untied; small models (SmolLM2): tied
     bos_id: int = 1
@@ -117,14 +122,16 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None):
-    """cos/sin of shape (length, head_dim), built in fp32: theta_i = theta^(-2i/d) (sec. 2.4).
+def rope_tables(head_dim: int, length: int, theta: float, device=None, scale: float = 1.0):
+    """cos/sin of shape (length, head_dim), built in fp32: position p turns dimension pair i by
+    (p / scale) * theta^(-2i/d) (sec. 2.4; `scale` > 1 is linear position interpolation).
 
     fp32 matters: in bf16 the angle of position 16,000 keeps only ~3 significant digits.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
                                / head_dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(length, device=device, dtype=torch.float32) / scale
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # half-split layout: dim i pairs with i + d/2
     return angles.cos(), angles.sin()
 
@@ -255,17 +262,20 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self._rope = None  # (theta, device, cos, sin): derived from args, not a buffer, never saved
+        # ((theta, scale), device, cos, sin): derived from args, not a buffer, never saved
+        self._rope = None
 
     def rope(self, length: int, device):
-        """The rotation tables, rebuilt when the base, the device or the needed length changes, so a
-        checkpoint loaded with a new `rope_theta` can never run with the old angles."""
-        theta = self.args.rope_theta
+        """The rotation tables, rebuilt when the base, the scale, the device or the needed length
+        changes, so a checkpoint loaded with a new `rope_theta` can never run with the old
+        angles."""
+        theta, scale = key = (self.args.rope_theta, self.args.rope_scale)
         r = self._rope
-        if r is None or r[0] != theta or r[1] != device or r[2].shape[0] < length:
+        if r is None or r[0] != key or r[1] != device or r[2].shape[0] < length:
             n = max(length, self.args.max_seq_len)
             with torch.inference_mode(False):  # built while sampling, still usable in training
-                self._rope = (theta, device, *rope_tables(self.args.head_dim, n, theta, device))
+                self._rope = (key, device, *rope_tables(self.args.head_dim, n, theta, device,
+                                                        scale))
         return self._rope[2], self._rope[3]
 
     def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
@@ -537,10 +547,13 @@ def args_from_hf_config(path: Path):
     # 2 configs may carry neither (then 1e4, the Llama 2 base; Code Llama sets 1e6, sec. 2.4).
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e4
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        kind = scaling.get("rope_type") or scaling.get("type")
-        raise ValueError(f"{path}: rope scaling {kind!r} "
-                         "is not part of the Llama 2 / Code Llama architecture")
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ("default", "linear"):
+        raise ValueError(f"{path}: rope scaling {kind!r} is not part of the Llama 2 / Code Llama "
+                         "architecture (only linear position interpolation, Table 18's ablation)")
+    scale = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+    if not scale > 0:
+        raise ValueError(f"{path}: rope scaling factor {scaling.get('factor')!r} must be positive")
     head_dim = cfg.get("head_dim")
     args = ModelArgs(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -548,7 +561,7 @@ def args_from_hf_config(path: Path):
         vocab_size=cfg["vocab_size"], ffn_hidden=cfg["intermediate_size"],
         head_dim_override=head_dim if head_dim and head_dim != cfg["hidden_size"] //
         cfg["num_attention_heads"] else None,
-        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scale=scale,
         max_seq_len=cfg.get("max_position_embeddings", 4096),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
         bos_id=cfg.get("bos_token_id", 1), eos_id=_first(cfg.get("eos_token_id", 2)))
@@ -570,7 +583,10 @@ def _hf_config(args: ModelArgs, dtype) -> dict:
         "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta,
         "tie_word_embeddings": args.tie_embeddings, "bos_token_id": args.bos_id,
         "eos_token_id": args.eos_id, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "initializer_range": 0.02, "rope_scaling": None,
+        "mlp_bias": False, "initializer_range": 0.02,
+        # transformers' form of linear position interpolation; None when positions are not scaled
+        "rope_scaling": ({"rope_type": "linear", "factor": args.rope_scale}
+                         if args.rope_scale != 1.0 else None),
         "torch_dtype": {v: k for k, v in DTYPES.items()}[dtype],
     }
 

@@ -92,6 +92,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--seed", type=int, default=0, help="model init, data order, transforms")
     a("--base", type=float, help="RoPE base theta; None: --init's (sec. 2.4 sets 1e6)")
+    a("--rope-scale", type=float,
+      help="linear position interpolation (Chen et al. 2023): positions divided by this factor; "
+           "None: --init's (1 unless it was scaled). Table 18's ablation of train_longctx.py: 4")
     a("--dtype", choices=["bf16", "fp32"], default="bf16",
       help="bf16: bf16 parameters on GPU under FSDP (fp32 master weights and gradient reduction), "
            "bf16 autocast otherwise, CPU included")
@@ -177,13 +180,18 @@ def init_folder(init: str) -> Path:
 
 
 def model_args(args) -> ModelArgs:
-    """The architecture --init names (--base applied); vocab_size is settled in build_model."""
+    """The architecture --init names (--base and --rope-scale applied); vocab_size is settled in
+    build_model."""
     if args.init in PRESETS:
         margs = ModelArgs.from_name(args.init)
     else:
         margs = args_from_hf_config(init_folder(args.init) / "config.json")[0]
     if args.base is not None:
         margs.rope_theta = args.base
+    if args.rope_scale is not None:
+        if not args.rope_scale > 0:
+            raise ValueError(f"--rope-scale must be positive, got {args.rope_scale}")
+        margs.rope_scale = args.rope_scale
     # the export's max_position_embeddings: at least the length this run trains at (a 4k model
     # fine-tuned at 16k says 16,384, as Code Llama's configs do)
     margs.max_seq_len = max(margs.max_seq_len, args.seq_len)

@@ -5,7 +5,11 @@ from 1e4 to 1e6 (sec. 2.4): rotations then turn slower, and attention decays les
 (App. G.1). The base is reset when the weights are loaded (--base, default 1e6): the rotation tables
 are computed from it at run time and were never stored in the checkpoint, so nothing of the old base
 survives, and the exported config.json carries the new `rope_theta` and a `max_position_embeddings`
-of at least --seq-len. LR 2e-5, 2M tokens per batch (1M for 34B), 10,000 steps by default; the paper
+of at least --seq-len. Linear position interpolation (Chen et al. 2023) is the alternative Table 18
+weighs and rejects: --rope-scale 4 divides positions by 4 (the paper's "linear frequency scaling by
+1/4"), keeps the base unless --base is given, and is written into config.json as transformers'
+rope_scaling {"rope_type": "linear", "factor": 4.0}. Off by default (1), as in every Code Llama.
+LR 2e-5, 2M tokens per batch (1M for 34B), 10,000 steps by default; the paper
 stopped Code Llama 7B at 3,000 steps and ran 34B for 11,000 (downstream instabilities, sec. 2.6):
 pass --steps 3000 or --steps 11000 for those.
 
@@ -38,6 +42,7 @@ DEFAULTS = dict(
     lr=2e-5,  # sec. 2.6
     steps=10_000,  # sec. 2.6, "by default"; 3,000 for Code Llama 7B, 11,000 for 34B
     base=1e6,  # RoPE base, reset from 1e4 (sec. 2.4)
+    rope_scale=1.0,  # no position interpolation (sec. 2.4); Table 18's ablation: 4
     activation_checkpointing=True,  # 16k-token activations: FSDP does not shard them
     whole_docs=True,  # long files seen whole (sec. 2.4: the point of the stage)
     # The warm-up and schedule of this stage are not stated (sec. 2.6): the engine's

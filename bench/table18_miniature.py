@@ -1,58 +1,138 @@
-"""Code Llama's Table 18 in miniature: after long-context fine-tuning, does a RoPE base of 1e6 keep
-perplexity low past the fine-tuning length where the old base 1e4 does not (sec. 2.4, App. G.1)?
+"""Code Llama's Table 18 in miniature: key retrieval after long-context fine-tuning (LCFT) with the
+RoPE base kept, raised 100x, or with linear position interpolation instead (sec. 3.3, App. G.2).
 
-Three tiny-preset models, trained through the real stage scripts on the standard library's Python:
-  short     train_code.py at --short-len tokens, base 1e4 (the "Llama 2" of the miniature)
-  lcft-1e4  train_longctx.py from `short` at 4x the length, base kept at 1e4
-  lcft-1e6  the same run with base 1e6 (Code Llama's choice): same steps, data, seed and LR
-then `eval.py ppl` for each on held-out standard-library files at lengths up to 8x --short-len.
+Table 18 ablates the base change on an earlier 7B, every LCFT run at 16,384 tokens, and scores
+synthetic key retrieval (a function returning a two-digit number hidden in code, asked for at the
+end) at 8K, 16K and 24K. Its four findings:
+  1. before LCFT, retrieval works only within the pretraining length (4K), with base 1e4 or 1e6
+     (raising the base at inference alone does nothing);
+  2. LCFT with base 1e4 fails already at 8K, twice the pretraining length;
+  3. linear frequency scaling by 1/4 (Chen et al. 2023, "Extending context window of large language
+     models via positional interpolation") works to 8K, is poor at 16K with the key at position 0,
+     fails at 24K;
+  4. base 1e6, the released model, retrieves up to 16K and partly at 24K (Table 17's 7B row).
 
-    python bench/table18_miniature.py --out runs/table18 [--threads 1]
+The miniature, through the real stage scripts, on Python code (--corpus):
+  short         train_code.py at L tokens with base b (the "Llama 2" of the miniature), first
+                checked to retrieve within L (at L/2 and L: at least 80% is asked)
+  short-100b    the same weights evaluated with base 100b, no fine-tuning
+  lcft-b        train_longctx.py from `short` at 4L tokens, base b
+  lcft-100b     the same with base 100b (Code Llama's change)
+  lcft-linear   the same with base b and positions divided by 4 (--rope-scale 4)
+The three LCFT runs have the same steps, data, seed and LR. Then `eval.py retrieval` for each
+over lengths L, 2L, 4L, 6L (the paper's 4K, 8K, 16K, 24K) and key positions 0, 0.2, ..., 0.8
+(--samples per cell; the paper: 64), and `eval.py ppl` over the same lengths (the second panel).
 
-Writes OUT/table18.md (the table), OUT/table18.json and OUT/table18.png (perplexity vs context
-length, one line per model). Finished stages are kept: a re-run only does what is missing.
+Geometry. Dimension pair i of RoPE turns by p * b^(-2i/d) over a distance p. At 1/8 of the paper's
+lengths (L = 512 for 4,096) the literal bases leave the slow pairs nearly still, as a much larger
+base would at the paper's lengths; scaling the bases with the lengths nearly keeps the slow
+pairs' angles over the pretraining length: b = 1e4 * L / 4096 (1,250 at L = 512) and 100b (125,000).
+--geometry literal runs 1e4 and 1e6 instead, as a second arm.
 
-The data: the standard library's .py files without its tests, split by file (a hash of the path)
-into training files and held-out files. The tokenizer: a SentencePiece BPE of --vocab pieces
-trained here on the training files, Llama-style (byte fallback, split digits); with Llama 2's 32,000
-pieces the tiny preset would spend most of its time in the embedding and output layers, and the
-question here is about positions, not vocabulary.
+Data. The Python files of --corpus (the standard library by default), split by file: held-out
+files (one in 20, by a hash of the path) are the haystacks of the retrieval prompts and the
+perplexity texts; the others are training data. LCFT trains on plain code only.
+`short` may get a share of synthetic key-value documents (--kv-share, default 10% of its
+sequences): training code with `def NAME() -> int:` functions inserted (the key and up to two
+distractors, other names than the evaluation's `my_function`, other docstrings, values of 1, 3 or
+4 digits where the evaluation asks for 2) and `assert NAME() == VALUE` at the end. The paper's
+question is whether retrieval carries to longer contexts after LCFT, not whether it emerges from
+code alone in a few minutes of training; --kv-share 0 trains on code alone. The tokenizer: a
+SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split digits).
+
+Steps: --short-steps and --long-steps, or --train-seconds, which sizes both by a probe (a short
+run of `short`'s settings, its tokens/s): 60% of the seconds for `short`, 40% for the three LCFT
+runs, whose tokens/s is the probe's scaled by the FLOPs per token at 4L (train.flops_per_token).
+Finished stages are kept: a re-run does only what is missing (delete a stage's folder, and those
+of the stages after it, to redo it).
+
+Writes OUT/table18.md (the grid laid out as Tables 17/18, the perplexities, the findings computed
+from the numbers), OUT/table18.json and OUT/table18.png (a retrieval heatmap per model, and
+perplexity vs length).
+
+CPU, the smallest settings (tiny preset, L = 256; about 7 minutes on 2 busy cores; nothing
+retrieves at this size, it checks the pipeline):
+
+    python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 256 \\
+        --short-steps 20 --long-steps 4 --batch-tokens 2048 --vocab 1024 --samples 2 \\
+        --tokens-per-length 1024 --threads 1
+
+One H200, at most 9 minutes, bringing back only the tables and the figure (mini preset, L = 512,
+the standard library and a 100 MB sample of site-packages, steps sized by the probe for 240 s of
+training; the rest is the corpus and tokenizer, compilation and the evaluations, run side by side;
+if the stage times it prints leave no margin, lower --train-seconds):
+
+    python bench/table18_miniature.py --out /tmp/t18 --preset mini --short-len 512 \\
+        --corpus "$(python -c 'import os; print(os.path.dirname(os.__file__))')" \\
+        "$(python -c 'import site; print(site.getsitepackages()[0])')" --corpus-mb 100 \\
+        --train-seconds 240 --batch-tokens 65536 --compile && cp /tmp/t18/table18.* "$OUT"/
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import save_figure, write_atomic  # noqa: E402
+
+from common import pyplot, save_figure, write_atomic  # noqa: E402
+from eval import PROMPT_END, haystack_files  # noqa: E402
+from model import ModelArgs  # noqa: E402
+from train import flops_per_token  # noqa: E402
+
 STDLIB = Path(os.__file__).parent
-MODELS = ("short", "lcft-1e4", "lcft-1e6")
+POSITIONS = (0.0, 0.2, 0.4, 0.6, 0.8)  # Table 17 shows 0, 0.2, 0.4; Fig. 4b runs to 1.0
+MODELS = ("short", "short-100b", "lcft-b", "lcft-100b", "lcft-linear")
+SHORT_SHARE = 0.6  # of --train-seconds: `short`; the rest is shared by the three LCFT runs
+WORKS, POOR, FAILS = 0.8, 0.5, 0.2  # mean accuracy over positions: "works", "poor", "fails"
+
+# Synthetic key-value documents: names, docstrings and values unlike the evaluation's
+VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check")
+NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score", "width", "port")
+assert not any(f"{v}_{n}()" in PROMPT_END for v in VERBS for n in NOUNS)
+DOCSTRINGS = ("", '    """The configured value."""\n', '    """Checked below."""\n',
+              "    # fixed by the caller\n")
 
 
-def split_stdlib(out: Path, heldout_percent: int) -> tuple[Path, Path]:
-    """train.jsonl and heldout-all.jsonl of the standard library's own Python files, by file."""
-    train, held = out / "train.jsonl", out / "heldout-all.jsonl"
+def split_corpus(out: Path, roots: list, heldout_percent: int, max_mb: float) -> tuple[Path, Path]:
+    """train.jsonl and heldout.jsonl of the Python files under `roots`, split by file (a hash of
+    its path inside its root, so the same file is held out on any machine). Training files are
+    taken in the order of that hash up to max_mb (0: all), held-out ones up to their share of it:
+    a capped corpus is a random sample."""
+    train, held = out / "train.jsonl", out / "heldout.jsonl"
     if train.exists() and held.exists():
         return train, held
-    parts = {"train": [], "heldout": []}
-    for f in sorted(STDLIB.rglob("*.py")):
-        rel = f.relative_to(STDLIB)
-        if rel.parts[0] == "site-packages" or any("test" in p for p in rel.parts[:-1]):
-            continue  # installed packages are not the standard library; tests repeat themselves
+    files = []
+    for root in map(Path, roots):
+        for f in root.rglob("*.py"):
+            rel = f.relative_to(root)
+            # installed packages are not the standard library; tests repeat themselves
+            if (root == STDLIB and rel.parts[0] == "site-packages") or \
+                    any("test" in p for p in rel.parts[:-1]):
+                continue
+            files.append((hashlib.sha256(str(rel).encode()).hexdigest(), f))
+    parts, size = {"train": [], "heldout": []}, {"train": 0, "heldout": 0}
+    cap = {"train": max_mb * 2**20, "heldout": max_mb * 2**20 * heldout_percent / 100}
+    for h, f in sorted(files):
+        part = "heldout" if int(h, 16) % 100 < heldout_percent else "train"
+        if max_mb and size[part] >= cap[part]:
+            continue
         try:
             text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        h = int(hashlib.sha256(str(rel).encode()).hexdigest(), 16) % 100
-        parts["heldout" if h < heldout_percent else "train"].append(json.dumps({"text": text}))
+        parts[part].append(json.dumps({"text": text}))
+        size[part] += len(text)
     for name, path in (("train", train), ("heldout", held)):
         write_atomic(path, "\n".join(parts[name]) + "\n")
     return train, held
@@ -69,42 +149,227 @@ def train_tokenizer(train: Path, out: Path, vocab: int) -> Path:
         vocab_size=vocab, model_type="bpe", normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, byte_fallback=True,
         split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-        minloglevel=2)
+        input_sentence_size=1_000_000, shuffle_input_sentence=True, minloglevel=2)
     os.replace(out / ".tokenizer.model", path)
     (out / ".tokenizer.vocab").unlink()
     return path
 
 
-def run(cmd, env, log: Path):
-    """A stage's command, its output in a log file; stops the script if it fails."""
-    t0 = time.time()
-    print("$ " + " ".join(map(str, cmd)), flush=True)
-    with open(log, "w") as f:
-        r = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, stdout=f,
-                           stderr=subprocess.STDOUT)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}); see {log}:\n" + log.read_text()[-3000:])
-    print(f"  done in {time.time() - t0:.0f} s ({log})", flush=True)
+# --------------------------------------------------------------------------------------------------
+# Synthetic key-value documents for `short`
+
+
+def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
+    """Training code of about `chars` characters (whole top-level statements of random files)
+    holding a key function and up to two distractors at random statement boundaries, ending with
+    the assertion of the key's value."""
+    pieces = []
+    while sum(map(len, pieces)) < chars:
+        f = rng.choice(files)
+        k = rng.randrange(len(f))
+        pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]]
+    # the key first, then up to two distractors, each with another name and value
+    names = rng.sample([f"{v}_{n}" for v in VERBS for n in NOUNS], rng.randint(1, 3))
+    values = []
+    for name in names:
+        digits = rng.choice((1, 3, 4))  # the evaluation's values have 2
+        values.append(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
+        pieces.insert(rng.randint(0, len(pieces)), f"def {name}() -> int:\n"
+                      f"{rng.choice(DOCSTRINGS)}    return {values[-1]}\n\n\n")
+    return "".join(pieces) + f"assert {names[0]}() == {values[0]}\n"
+
+
+def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs: int,
+                   seed: int) -> Path:
+    """n_docs synthetic documents of L/8 to 0.9 L tokens (so that most fit in one sequence)."""
+    path = out / f"keyvalue-{n_docs}.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(seed)
+    texts = train.read_text().splitlines()
+    texts = [json.loads(t)["text"] for t in rng.sample(texts, min(len(texts), 400))]
+    files = haystack_files(texts)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    sample = "".join(texts[:50])
+    chars_per_token = len(sample) / len(sp.encode(sample))
+    docs = [keyvalue_doc(rng, files, int(rng.uniform(seq_len / 8, 0.9 * seq_len)
+                                         * chars_per_token)) for _ in range(n_docs)]
+    write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the stages
+
+
+def run_all(cmds: dict, env, out: Path, jobs: int):
+    """Run {name: command} with at most `jobs` at once, each one's output in OUT/logs/NAME.log;
+    stops the script if one fails."""
+    (out / "logs").mkdir(exist_ok=True)
+    pending, running, t0 = list(cmds.items()), {}, time.time()
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, cmd = pending.pop(0)
+            print("$ " + " ".join(map(str, cmd)), flush=True)
+            log = open(out / "logs" / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT), log)
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            text = (out / "logs" / f"{name}.log").read_text()
+            if proc.returncode:
+                for other, _ in running.values():
+                    other.kill()
+                sys.exit(f"{name} failed ({proc.returncode}); see {out}/logs/{name}.log:\n"
+                         + text[-3000:])
+            print(f"  {name} done at {time.time() - t0:.0f} s", flush=True)
+
+
+def tokens_per_s(run_dir: Path) -> float:
+    """Median tokens/s of a training run's steps after the first two (warm-up, compilation)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = sorted(r["tokens_per_s"] for r in rows[2:]) or [rows[-1]["tokens_per_s"]]
+    return speeds[len(speeds) // 2]
+
+
+def plan_steps(args, tps: float, margs: ModelArgs, L: int) -> tuple[int, int]:
+    """Steps of `short` and of each LCFT run that fill --train-seconds at the probe's speed."""
+    short = SHORT_SHARE * args.train_seconds * tps / args.batch_tokens
+    long_tps = tps * flops_per_token(margs, L) / flops_per_token(margs, 4 * L)
+    long = (1 - SHORT_SHARE) / 3 * args.train_seconds * long_tps / args.batch_tokens
+    return max(1, int(short)), max(1, int(long))
+
+
+# --------------------------------------------------------------------------------------------------
+# The report: Tables 17/18's layout and the four findings, computed from the grid
+
+
+def mean_at(acc: dict, length: int) -> float:
+    """Mean accuracy over the positions of one length; acc: {(length, position): accuracy}."""
+    cells = [a for (n, _), a in acc.items() if n == length]
+    return sum(cells) / len(cells)
+
+
+def findings(grid: dict, L: int) -> list[tuple[str, bool, str]]:
+    """Which of Table 18's findings the grid shows: (finding, reproduced, the numbers that decide).
+    grid: {model: {(length, position): accuracy}} over lengths L, 2L, 4L, 6L; "works" is a mean
+    over positions of at least WORKS, "poor" below POOR, "fails" below FAILS, "some" at least
+    FAILS."""
+    def m(model, k):
+        return mean_at(grid[model], k * L)
+
+    def fmt(model, *ks):
+        return ", ".join(f"{model} {k}L {m(model, k):.0%}" for k in ks)
+
+    before = [m("short", 1) >= WORKS] + [m(s, k) < FAILS for s in ("short", "short-100b")
+                                          for k in (2, 4, 6)]
+    at0 = grid["lcft-linear"][4 * L, 0.0]
+    return [
+        ("before LCFT, retrieval only within L, whatever the base", all(before),
+         f"{fmt('short', 1, 2, 4, 6)}; {fmt('short-100b', 1, 2, 4, 6)}"),
+        ("LCFT with base b fails at 2L", m("lcft-b", 2) < FAILS, fmt("lcft-b", 1, 2)),
+        ("linear scaling 1/4 works to 2L, is poor at 4L with the key at position 0, fails at 6L",
+         m("lcft-linear", 2) >= WORKS and at0 < POOR and m("lcft-linear", 6) < FAILS,
+         f"{fmt('lcft-linear', 2)}, 4L position 0 {at0:.0%}, {fmt('lcft-linear', 6)}"),
+        ("base 100b retrieves up to 4L and partly at 6L",
+         min(m("lcft-100b", 2), m("lcft-100b", 4)) >= WORKS and m("lcft-100b", 6) >= FAILS,
+         fmt("lcft-100b", 2, 4, 6)),
+    ]
+
+
+def grid_table(grid: dict, about: dict, L: int, positions) -> list[str]:
+    """Markdown rows in Table 17's layout: a model per row, a length per column, each cell the
+    accuracy (%) at every key position, separated by slashes."""
+    lengths = [k * L for k in (1, 2, 4, 6)]
+    md = ["| model | rope_theta | positions / | " + " | ".join(
+              f"{n} ({k}L)" for n, k in zip(lengths, (1, 2, 4, 6))) + " |",
+          "|---|---|---|" + "---|" * len(lengths)]
+    for name, acc in grid.items():
+        cells = [" / ".join(f"{100 * acc[n, p]:.1f}" for p in positions) for n in lengths]
+        md.append(f"| {name} | {about[name]['rope_theta']:g} | {about[name]['rope_scale']:g} | "
+                  + " | ".join(cells) + " |")
+    return md
+
+
+def plot(out: Path, grid: dict, ppl: dict, about: dict, L: int, positions):
+    plt = pyplot()
+    if plt is None:
+        return
+    lengths = [k * L for k in (1, 2, 4, 6)]
+    fig = plt.figure(figsize=(3.2 * len(grid), 7.5))
+    gs = fig.add_gridspec(2, len(grid), height_ratios=[1, 1.1], hspace=0.45)
+    for i, (name, acc) in enumerate(grid.items()):
+        ax = fig.add_subplot(gs[0, i])
+        cells = [[acc[n, p] for p in positions] for n in lengths]
+        ax.imshow(cells, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for r, row in enumerate(cells):
+            for c, a in enumerate(row):
+                ax.text(c, r, f"{100 * a:.0f}", ha="center", va="center", fontsize=8,
+                        color="black" if a > 0.5 else "white")
+        ax.set_xticks(range(len(positions)), [f"{p:g}" for p in positions])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths] if i == 0 else [])
+        ax.set_xlabel("key position")
+        if i == 0:
+            ax.set_ylabel("context length (tokens)")
+        scale = about[name]["rope_scale"]
+        ax.set_title(f"{name}\nbase {about[name]['rope_theta']:g}"
+                     + (f", positions / {scale:g}" if scale != 1 else ""), fontsize=9)
+    ax = fig.add_subplot(gs[1, :])
+    for name, rows in ppl.items():
+        xs = [n for n in lengths if rows.get(n)]
+        ax.plot(xs, [rows[n] for n in xs], "o-", label=name)
+    ax.axvline(L, color="gray", linestyle=":", label=f"pretraining length {L}")
+    ax.axvline(4 * L, color="gray", linestyle="--", label=f"fine-tuning length {4 * L}")
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity of positions [n/2, n)")
+    ax.legend(fontsize=8)
+    fig.suptitle("Table 18 in miniature: key retrieval accuracy (%) by length and key position; "
+                 "held-out perplexity")
+    save_figure(fig, out / "table18.png")
+    plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/table18")
-    p.add_argument("--short-len", type=int, default=128, help="sequence length of `short`")
-    p.add_argument("--short-steps", type=int, default=300)
-    p.add_argument("--long-steps", type=int, default=60, help="steps of each fine-tuning run")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step, every run")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak LR of `short`")
-    p.add_argument("--long-lr", type=float, default=5e-4, help="peak LR of the fine-tuning runs")
+    p.add_argument("--preset", default="mini", help="model.py preset of `short`")
+    p.add_argument("--short-len", type=int, default=512,
+                   help="L, `short`'s sequence length (the paper's 4,096 / 8); LCFT runs at 4L")
+    p.add_argument("--geometry", choices=["scaled", "literal"], default="scaled",
+                   help="scaled: b = 1e4 * L / 4096 (1,250 at L = 512); literal: b = 1e4; "
+                        "the LCFT base is 100b either way")
+    p.add_argument("--short-steps", type=int, default=2000)
+    p.add_argument("--long-steps", type=int, default=200, help="steps of each LCFT run")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="size --short-steps and --long-steps by a probe to fill this many seconds "
+                        "of training (compilation and evaluation not included)")
+    p.add_argument("--probe-steps", type=int, default=20, help="steps of the --train-seconds probe")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step, every run")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak LR of `short`")
+    p.add_argument("--long-lr", type=float, default=3e-4, help="peak LR of the LCFT runs")
+    p.add_argument("--kv-share", type=float, default=0.1,
+                   help="share of `short`'s sequences drawn from synthetic key-value documents "
+                        "(0: code alone)")
     p.add_argument("--vocab", type=int, default=2048, help="pieces of the trained tokenizer")
+    p.add_argument("--corpus", nargs="+", default=[str(STDLIB)],
+                   help="folders of Python files (default: the standard library, tests left out)")
+    p.add_argument("--corpus-mb", type=float, default=0,
+                   help="at most this many MB of training files, a hash-ordered sample (0: all)")
     p.add_argument("--heldout-percent", type=int, default=5, help="files held out for the eval")
-    p.add_argument("--lengths", type=int, nargs="+", default=None,
-                   help="evaluated lengths (default: 1, 2, 3, 4, 6 and 8 times --short-len)")
+    p.add_argument("--samples", type=int, default=64, help="retrieval prompts per cell")
     p.add_argument("--tokens-per-length", type=int, default=32768,
                    help="scored tokens per length and model (eval.py ppl)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training runs")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs side by side in the LCFT and evaluation stages (default: all on a "
+                        "GPU, which one-prompt decoding leaves mostly idle; 1 on a CPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of the runs (default: torch's choice); on a busy "
-                        "machine 1 thread per process can be several times faster than 2")
+                   help="OMP_NUM_THREADS of the runs (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -112,100 +377,136 @@ def main():
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    S, L = args.short_len, 4 * args.short_len
-    lengths = sorted(set(args.lengths or [S, 2 * S, 3 * S, 4 * S, 6 * S, 8 * S]))
+    jobs = args.jobs or (16 if torch.cuda.is_available() else 1)
+    L = args.short_len
+    if L < 256:  # the key function and the question take ~50 tokens: at L/2 most must be code
+        sys.exit(f"error: --short-len {L}: at least 256, so that the check's L/2-token prompts "
+                 "are mostly haystack")
+    b = 1e4 * L / 4096 if args.geometry == "scaled" else 1e4
+    lengths = [L, 2 * L, 4 * L, 6 * L]
     t0 = time.time()
 
-    train, held = split_stdlib(out, args.heldout_percent)
+    train, held = split_corpus(out, args.corpus, args.heldout_percent, args.corpus_mb)
     tok = train_tokenizer(train, out, args.vocab)
-    # Every length is measured on the same files: those holding a window of the longest length
-    # (the paper measures on long files too, of at least 50 kB)
-    tokenizer = spm.SentencePieceProcessor(model_file=str(tok))
-    texts = [json.loads(line)["text"] for line in held.read_text().splitlines()]
-    long_files = [t for t in texts if len(tokenizer.encode(t)) + 1 >= max(lengths)]
-    held = out / "heldout.jsonl"
-    write_atomic(held, "".join(json.dumps({"text": t}) + "\n" for t in long_files))
-    common = ["--data", train, "--data-cache", out / "data", "--batch-tokens", args.batch_tokens,
-              "--eval-every", "0", "--seed", args.seed, "--dtype", "bf16"]
+    margs = ModelArgs.from_name(args.preset, vocab_size=args.vocab)
+    common = ["--batch-tokens", args.batch_tokens, "--eval-every", "0", "--seed", args.seed,
+              "--dtype", "bf16", "--data-cache", out / "data"] + (["--compile"] * args.compile)
+    short_cmd = [sys.executable, "train_code.py", "--init", args.preset, "--tokenizer", tok,
+                 "--base", b, "--seq-len", L, "--micro-batch", args.batch_tokens // L,
+                 "--lr", args.lr, *common]
+
+    steps = {"short": args.short_steps, "long": args.long_steps, "tokens_per_s": None}
+    if args.train_seconds:
+        probe = out / "probe.json"
+        if not probe.exists():
+            run_all({"probe": short_cmd + ["--data", train, "--out", out / "probe", "--steps",
+                                           args.probe_steps, "--warmup", args.probe_steps,
+                                           "--ckpt-every", args.probe_steps]}, env, out, 1)
+            tps = tokens_per_s(out / "probe")
+            short, long = plan_steps(args, tps, margs, L)
+            write_atomic(probe, json.dumps({"tokens_per_s": tps, "short": short, "long": long}))
+        steps = json.loads(probe.read_text())
+        print(f"probe: {steps['tokens_per_s']:,.0f} tokens/s at {L} tokens: `short` "
+              f"{steps['short']} steps, each LCFT run {steps['long']} steps", flush=True)
+    S, LS = steps["short"], steps["long"]
+
+    # `short`: code, and a share of synthetic key-value documents (sized to the planned steps)
+    data = ["--data", train]
+    if args.kv_share > 0:
+        n_docs = math.ceil(args.kv_share * S * args.batch_tokens / (0.5 * L))
+        kv = write_keyvalue(out, train, tok, L, min(n_docs, 50_000), args.seed)
+        data = ["--data", f"{train}:{1 - args.kv_share}", f"{kv}:{args.kv_share}"]
     if not (out / "short/hf/config.json").exists():
-        run([sys.executable, "train_code.py", "--init", "tiny", "--tokenizer", tok, "--base", 1e4,
-             "--out", out / "short", "--seq-len", S, "--micro-batch", args.batch_tokens // S,
-             "--steps", args.short_steps, "--ckpt-every", args.short_steps, "--lr", args.lr,
-             "--warmup", max(1, args.short_steps // 10), *common], env, out / "short.log")
-    for base in ("1e4", "1e6"):
-        name = f"lcft-{base}"
+        run_all({"short": short_cmd + [*data, "--out", out / "short", "--steps", S,
+                                       "--warmup", max(1, S // 10), "--ckpt-every", S]},
+                env, out, 1)
+
+    # the check (does `short` retrieve within L?) and the three LCFT runs, side by side
+    retrieval = [sys.executable, "eval.py", "retrieval", "--data", held, "--samples", args.samples,
+                 "--positions", ",".join(f"{x:g}" for x in POSITIONS), "--seed", args.seed]
+    cmds = {}
+    if not (out / "eval/check/retrieval.json").exists():
+        cmds["check"] = retrieval + ["--ckpt", out / "short/hf", "--lengths", f"{L // 2},{L}",
+                                     "--out", out / "eval/check"]
+    lcft = {"lcft-b": ["--base", b], "lcft-100b": ["--base", 100 * b],
+            "lcft-linear": ["--base", b, "--rope-scale", 4]}
+    for name, rope in lcft.items():
         if not (out / name / "hf/config.json").exists():
-            # at 4x the length the tiny preset's activations are small: no need to recompute them
-            run([sys.executable, "train_longctx.py", "--init", out / "short", "--base", base,
-                 "--out", out / name, "--seq-len", L, "--micro-batch", args.batch_tokens // L,
-                 "--steps", args.long_steps, "--ckpt-every", args.long_steps,
-                 "--lr", args.long_lr, "--warmup", max(1, args.long_steps // 10),
-                 "--no-activation-checkpointing", *common], env, out / f"{name}.log")
-    results = {}
-    for name in MODELS:
+            # the miniature's activations are small: no need to recompute them
+            cmds[name] = [sys.executable, "train_longctx.py", "--init", out / "short", *rope,
+                          "--data", train, "--out", out / name, "--seq-len", 4 * L,
+                          "--micro-batch", args.batch_tokens // (4 * L), "--steps", LS,
+                          "--ckpt-every", LS, "--lr", args.long_lr,
+                          "--warmup", max(1, LS // 10), "--no-activation-checkpointing", *common]
+    run_all(cmds, env, out, jobs)
+
+    # retrieval and perplexity of every model, over L, 2L, 4L, 6L
+    ckpts = {"short": [out / "short/hf"], "short-100b": [out / "short/hf", "--base", 100 * b],
+             **{name: [out / name / "hf"] for name in lcft}}
+    cmds = {}
+    for name, ckpt in ckpts.items():
         ev = out / "eval" / name
-        done = json.loads((ev / "ppl.json").read_text()) if (ev / "ppl.json").exists() else {}
-        if ([r["length"] for r in done.get("rows", [])] != lengths or
-                done.get("tokens_per_length") != args.tokens_per_length):
-            run([sys.executable, "eval.py", "ppl", "--ckpt", out / name / "hf", "--data", held,
-                 "--min-chars", 0, "--lengths", ",".join(map(str, lengths)),
-                 "--tokens-per-length", args.tokens_per_length, "--seed", args.seed,
-                 "--out", ev], env, out / f"eval-{name}.log")
-        results[name] = json.loads((ev / "ppl.json").read_text())
+        if not (ev / "retrieval.json").exists():
+            cmds[f"retrieval-{name}"] = retrieval + [
+                "--ckpt", *ckpt, "--lengths", ",".join(map(str, lengths)), "--out", ev]
+        if not (ev / "ppl.json").exists():
+            cmds[f"ppl-{name}"] = [sys.executable, "eval.py", "ppl", "--ckpt", *ckpt,
+                                   "--data", held, "--min-chars", 0,
+                                   "--lengths", ",".join(map(str, lengths)),
+                                   "--tokens-per-length", args.tokens_per_length,
+                                   "--seed", args.seed, "--out", ev]
+    run_all(cmds, env, out, jobs)
 
-    ppl = {name: {r["length"]: r["ppl"] for r in results[name]["rows"]} for name in MODELS}
-    md = [f"# Table 18 in miniature: perplexity of held-out standard-library files vs context "
-          f"length", "",
-          f"tiny preset, {args.vocab}-piece BPE; `short` trained {args.short_steps} steps at {S} "
-          f"tokens (base 1e4); each LCFT run {args.long_steps} steps at {L} tokens from it; "
-          f"{args.batch_tokens} tokens per step; scored: positions [L/2, L) of each window, "
-          f"{args.tokens_per_length} tokens per length.", "",
-          "| model | rope_theta | trained at | " + " | ".join(f"L={n}" for n in lengths) + " |",
-          "|---|---|---|" + "---|" * len(lengths)]
+    grid, ppl, about = {}, {}, {}
     for name in MODELS:
-        cells = [f"{ppl[name][n]:.3f}" if ppl[name].get(n) else "-" for n in lengths]
-        md.append(f"| {name} | {results[name]['rope_theta']:g} | {S if name == 'short' else L} | "
-                  + " | ".join(cells) + " |")
-    # the models share each length's windows: their ratio leaves the text out
-    cells = [f"{ppl['lcft-1e6'][n] / ppl['lcft-1e4'][n]:.3f}"
-             if ppl["lcft-1e6"].get(n) and ppl["lcft-1e4"].get(n) else "-" for n in lengths]
-    md.append("| lcft-1e6 / lcft-1e4 | | | " + " | ".join(cells) + " |")
-    far = max(lengths)
-    md += ["", "Past the fine-tuning length (perplexity at the longest length / at the fine-tuning "
-           "length):"]
-    for name in MODELS[1:]:
-        md.append(f"- {name}: ppl({far}) / ppl({L}) = {ppl[name][far] / ppl[name][L]:.3f}")
+        r = json.loads((out / "eval" / name / "retrieval.json").read_text())
+        grid[name] = {(c["length"], c["position"]): c["accuracy"] for c in r["cells"]}
+        about[name] = {"rope_theta": r["rope_theta"], "rope_scale": r.get("rope_scale", 1.0)}
+        pr = json.loads((out / "eval" / name / "ppl.json").read_text())
+        ppl[name] = {row["length"]: row["ppl"] for row in pr["rows"]}
+    cells = json.loads((out / "eval/check/retrieval.json").read_text())["cells"]
+    check_grid = {(c["length"], c["position"]): c["accuracy"] for c in cells}
+    check = {n: mean_at(check_grid, n) for n in (L // 2, L)}
+    ok = min(check.values()) >= WORKS
+    table = findings(grid, L)
+    kv = (f"{args.kv_share:.0%} of its sequences synthetic key-value documents (other names and "
+          "values than the evaluation's)" if args.kv_share > 0 else "code alone")
+    md = ["# Table 18 in miniature: key retrieval after long-context fine-tuning", "",
+          f"{args.preset} preset, {args.vocab}-piece BPE, {args.geometry} geometry (b = {b:g}, "
+          f"100b = {100 * b:g}); `short`: {S} steps of {args.batch_tokens} tokens at L = {L}, "
+          f"{kv}; each LCFT run: {LS} steps at {4 * L} tokens, plain code, LR {args.long_lr:g}; "
+          f"{args.samples} prompts per cell, haystacks of held-out files"
+          + (f"; steps sized by a probe ({steps['tokens_per_s']:,.0f} tokens/s) for "
+             f"{args.train_seconds:g} s of training" if steps["tokens_per_s"] else "") + ".", "",
+          f"`short` retrieves within L (mean over positions at L/2 = {L // 2}: "
+          f"{check[L // 2]:.0%}, at L: {check[L]:.0%}; {WORKS:.0%} asked): "
+          + ("yes" if ok else "NO, so the findings below say little"), "",
+          "Accuracy (%) at key positions " + " / ".join(f"{x:g}" for x in POSITIONS)
+          + " (Table 17's layout; `positions /` is the linear scaling factor):", "",
+          *grid_table(grid, about, L, POSITIONS), "",
+          "Perplexity of held-out files, positions [n/2, n) of n-token windows (the second "
+          "panel):", "",
+          "| model | " + " | ".join(str(n) for n in lengths) + " |",
+          "|---|" + "---|" * len(lengths)]
+    md += [f"| {name} | " + " | ".join(f"{ppl[name][n]:.3f}" if ppl[name].get(n) else "-"
+                                       for n in lengths) + " |" for name in MODELS]
+    md += ["", f"The paper's findings (works: mean over positions >= {WORKS:.0%}, poor: < "
+           f"{POOR:.0%}, fails: < {FAILS:.0%}, some: >= {FAILS:.0%}):", ""]
+    # without retrieval within L, "fails further out" holds trivially and says nothing
+    md += [f"- {('reproduced' if yes else 'NOT reproduced') if ok else 'no test'}: {text} "
+           f"({numbers})" for text, yes, numbers in table]
     write_atomic(out / "table18.md", "\n".join(md) + "\n")
-    write_atomic(out / "table18.json", json.dumps({"args": vars(args), "lengths": lengths,
-                                                   "ppl": ppl}, indent=1) + "\n")
+    write_atomic(out / "table18.json", json.dumps({
+        "args": vars(args), "b": b, "short_steps": S, "long_steps": LS,
+        "tokens_per_s": steps["tokens_per_s"], "check": check, "positions": POSITIONS,
+        "lengths": lengths, "models": about,
+        "accuracy": {name: [[acc[n, x] for x in POSITIONS] for n in lengths]
+                     for name, acc in grid.items()},
+        "ppl": ppl, "short_retrieves_within_L": ok,
+        "findings": [{"finding": t, "reproduced": y, "numbers": s} for t, y, s in table]},
+        indent=1) + "\n")
     print("\n".join(md))
-
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("no plot: matplotlib is not installed (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # Left: perplexity. Each length scores other windows (other text), so a curve zigzags with the
-    # text; the models share the windows of a length. Right: the same, over lcft-1e4's perplexity
-    # on the same windows, which takes the text out and leaves the models' difference.
-    fig, (ax, rel) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, style in zip(MODELS, ("o-", "s-", "^-")):
-        xs = [n for n in lengths if ppl[name].get(n) and ppl["lcft-1e4"].get(n)]
-        label = f"{name} (theta {results[name]['rope_theta']:g})"
-        ax.plot(xs, [ppl[name][n] for n in xs], style, label=label)
-        rel.plot(xs, [ppl[name][n] / ppl["lcft-1e4"][n] for n in xs], style, label=label)
-    for a in (ax, rel):
-        a.axvline(S, color="gray", linestyle=":", label=f"short training length {S}")
-        a.axvline(L, color="gray", linestyle="--", label=f"fine-tuning length {L}")
-        a.set_xscale("log", base=2)
-        a.set_xticks(lengths, [str(n) for n in lengths])
-        a.set_xlabel("context length L (tokens)")
-    ax.set_ylabel("perplexity of positions [L/2, L)")
-    rel.set_ylabel("perplexity / lcft-1e4's on the same windows")
-    ax.legend(fontsize=8)
-    fig.suptitle("Table 18 in miniature: RoPE base at long-context fine-tuning (held-out stdlib)")
-    save_figure(fig, out / "table18.png")
+    plot(out, grid, ppl, about, L, POSITIONS)
     print(f"wrote {out}/table18.md, table18.json, table18.png ({time.time() - t0:.0f} s)")
 
 

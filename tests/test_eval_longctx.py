@@ -104,6 +104,29 @@ def test_ppl_command_writes_the_table_and_plot(tmp_path, llama2_tokenizer):
     assert (out / "ppl.png").is_file() == HAS_MATPLOTLIB
 
 
+def test_base_flag_evaluates_as_a_checkpoint_saved_with_that_base(tmp_path, llama2_tokenizer):
+    """--base X (Table 18: a larger base at inference alone) gives what a checkpoint whose
+    config.json says rope_theta X gives, and not what the checkpoint's own base gives."""
+    ckpt = save_tiny(tmp_path / "ckpt", llama2_tokenizer)
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1e6}))
+    data = tmp_path / "code"
+    data.mkdir()
+    shutil.copy(json.__file__, data / "json_init.py")
+    ppl = {}
+    for name, flags in (("own", [str(ckpt)]), ("flag", [str(ckpt), "--base", "1e6"]),
+                        ("config", [str(moved)])):
+        out = tmp_path / name
+        assert ev.main(["ppl", "--ckpt", *flags, "--data", str(data), "--min-chars", "0",
+                        "--lengths", "256", "--tokens-per-length", "128", "--out", str(out)]) == 0
+        result = json.loads((out / "ppl.json").read_text())
+        ppl[name] = (result["rope_theta"], result["rows"][0]["nll"])
+    assert ppl["flag"] == ppl["config"] and ppl["flag"][0] == 1e6
+    assert ppl["own"][0] == 1e4 and ppl["own"][1] != ppl["flag"][1]
+
+
 # ---- retrieval ----
 @pytest.fixture(scope="module")
 def humaneval_haystack():

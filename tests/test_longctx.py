@@ -109,6 +109,104 @@ def test_python_and_longctx_defaults_are_the_papers():
     assert not args.activation_checkpointing and not args.whole_docs
 
 
+# ---- linear position interpolation (Chen et al. 2023), Table 18's ablation -----------------------
+
+def small_model(scale, theta=1e4):
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=301,
+                              multiple_of=16, rope_theta=theta, rope_scale=scale, max_seq_len=64))
+    m.init_weights(std=0.1)  # attention far from uniform, so positions show in the logits
+    return m.eval()
+
+
+def test_linear_scaling_divides_positions_in_fp32_tables():
+    cos1, sin1 = rope_tables(32, 400, 1250.0)
+    cos4, sin4 = rope_tables(32, 1600, 1250.0, scale=4.0)
+    assert cos4.dtype == torch.float32
+    # position 4p with factor 4 turns exactly as position p without it
+    torch.testing.assert_close(cos4[::4], cos1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin4[::4], sin1, rtol=0, atol=1e-6)
+    assert not torch.allclose(cos4[:400], cos1, atol=1e-3)
+    # the model's tables follow the field, like the base; nothing of them is a weight
+    m = small_model(4.0)
+    cos, _ = m.rope(100, torch.device("cpu"))
+    torch.testing.assert_close(cos[:100], rope_tables(16, 100, 1e4, scale=4.0)[0])
+    m.args.rope_scale = 1.0
+    torch.testing.assert_close(m.rope(100, torch.device("cpu"))[0][:100],
+                               rope_tables(16, 100, 1e4)[0])
+    assert not any("rope" in k or "freq" in k for k in m.state_dict())
+
+
+def test_linear_scaling_config_round_trip_and_transformers_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = small_model(4.0)
+    m.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert cfg["rope_theta"] == 1e4
+    tokens = torch.randint(0, 301, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = m(tokens)
+        again = Transformer.from_pretrained(tmp_path / "a")
+        assert again.args.rope_scale == 4.0
+        assert torch.equal(again(tokens), ours)
+        ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+        assert (ref(tokens).logits - ours).abs().max().item() <= 1e-4
+        # transformers' own save (its rope_parameters form) loads back to the same model
+        ref.save_pretrained(tmp_path / "b")
+        back = Transformer.from_pretrained(tmp_path / "b")
+        assert (back.args.rope_theta, back.args.rope_scale) == (1e4, 4.0)
+        assert (back(tokens) - ours).abs().max().item() <= 1e-5
+        # the factor matters: unscaled, the same weights give other logits past position 0
+        plain = small_model(1.0)(tokens)
+        assert torch.allclose(plain[:, 0], ours[:, 0], atol=1e-5)
+        assert (plain[:, 1:] - ours[:, 1:]).abs().max() > 1e-2
+    unscaled = small_model(1.0)
+    unscaled.save_pretrained(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["rope_scaling"] is None
+
+
+def test_other_rope_scalings_are_refused(tmp_path):
+    small_model(1.0).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for scaling, message in (({"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
+                             ({"rope_type": "linear", "factor": 0}, "must be positive")):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": scaling}))
+        with pytest.raises(ValueError, match=message):
+            Transformer.from_pretrained(tmp_path)
+
+
+def test_rope_scale_flag_is_off_by_default_and_reaches_the_export(longctx, tmp_path):
+    """train_longctx.py --rope-scale 4 (base kept) at LR 0: the export differs from its --init by
+    rope_scaling and max_position_embeddings alone, and runs with positions divided by 4."""
+    init, _ = longctx
+    p = train.parser(**train_longctx.DEFAULTS)
+    args = p.parse_args(["--init", str(init), "--data", "d", "--out", "o"])
+    assert args.rope_scale == 1.0 and train.model_args(args).rope_scale == 1.0
+    args = p.parse_args(["--init", str(init), "--data", "d", "--out", "o", "--rope-scale", "4"])
+    assert train.model_args(args).rope_scale == 4.0
+    out = tmp_path / "linear"
+    run("train_longctx.py", "--init", init, "--data", STDLIB / "email", "--out", out,
+        "--steps", "1", "--seq-len", "2048", "--batch-tokens", "2048", "--lr", "0",
+        "--warmup", "1", "--eval-every", "0", "--dtype", "fp32", "--base", "1e4",
+        "--rope-scale", "4")
+    before = json.loads((init / "config.json").read_text())
+    after = json.loads((out / "hf" / "config.json").read_text())
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {"rope_scaling", "max_position_embeddings"}
+    assert after["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    tokens = torch.randint(0, 1024, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scaled = Transformer.from_pretrained(out / "hf")
+        ref = Transformer.from_pretrained(init)
+        ref.args.rope_scale = 4.0
+        torch.testing.assert_close(scaled(tokens), ref(tokens), rtol=0, atol=0)
+    r = subprocess.run([sys.executable, "train_longctx.py", "--init", init, "--data", "d",
+                        "--out", tmp_path / "bad", "--rope-scale", "0", "--steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode and "--rope-scale must be positive" in r.stderr
+
+
 # ---- --whole-docs packing ----------------------------------------------------------------------
 
 L = 64  # tokens per sequence
