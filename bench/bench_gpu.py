@@ -33,9 +33,9 @@ One process and one GPU: FSDP2 runs on a one-rank mesh. (train_code.py started a
 builds no mesh and uses bf16 autocast instead; FSDP2 on one rank is the code path of a multi-GPU
 run, the one worth comparing.)
 
-On this project's CPU, every part at toy sizes (54 s of CPU time; 3 min 48 s of wall time at a load
-average of 10), with torchtitan from the private environment described below, or without it (then
-transformers is the reference):
+On this project's CPU, every part at toy sizes (54 s of CPU time; 2 min 36 s of wall time at a load
+average of 10, 3 min 48 s with Inductor's caches cold), with torchtitan from the private
+environment described below, or without it (then transformers is the reference):
 
     OMP_NUM_THREADS=2 python bench/bench_gpu.py --toy --out runs/bench-gpu-toy
 
@@ -423,6 +423,7 @@ def part2(a, d, sh, report):
 
 
 def decode_model_ours(margs, device, dtype):
+    """Random weights in `dtype`, cast on the meta device first: no fp32 copy is ever made."""
     with torch.device("meta"):
         model = Transformer(margs).to(dtype)
     model.to_empty(device=device)
@@ -431,6 +432,7 @@ def decode_model_ours(margs, device, dtype):
 
 
 def decode_model_transformers(margs, device, dtype):
+    """Built in fp32 on the device (27 GB for 7B, a moment on a GPU), then cast."""
     import transformers
     with torch.device(device):
         return transformers.LlamaForCausalLM(llama_config(margs)).to(dtype).eval()
