@@ -20,8 +20,10 @@
 How it is timed. Training: every model is built on the meta device, prepared, materialized and
 initialized on the GPU; the optimizer (the engine's fused AdamW, for all sides) gets its state
 from one zero-gradient step; then --warmup-steps steps (the first compiles), a synchronize, and
---steps steps timed together up to a final synchronize. A step is train.run's: micro-batches
-summed into the loss over the step's targets, backward, gradient clipping to 1.0, AdamW. MFU is
+--steps steps timed together up to a final synchronize. Our step is the engine's own
+(train.train_step: micro-batches summed into the loss over the step's targets, backward, clipping
+to 1.0, AdamW); a reference's step does the same work with its own loss (torchtitan's, compiled
+as its trainer compiles it). MFU is
 train.flops_per_token (6N + 12·L·H·Q·T, PaLM App. B) over train.PEAK_FLOPS's bf16 peak, the same
 FLOPs for both sides (the same shape). Peak memory is torch.cuda.max_memory_allocated over the
 whole configuration (weights, optimizer state, activations). Decoding: the clock is read as each
@@ -68,7 +70,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -84,6 +85,8 @@ from torch.distributed.tensor import DTensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from common import write_atomic  # noqa: E402
+from data import IGNORE  # noqa: E402
 from model import ModelArgs, Transformer, parallelize  # noqa: E402
 from sample import generate  # noqa: E402
 
@@ -157,7 +160,8 @@ def free_memory(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# The three trainers: each returns (model, loss_fn), loss_fn(model, x, y) -> summed token loss
+# The three trainers: each returns (model, loss_fn); loss_fn(model, x, y) -> the summed token loss
+# of a reference, None for ours (the engine's own step, train.train_step, computes it)
 
 
 def one_rank_mesh(device):
@@ -179,10 +183,7 @@ def build_ours(margs: ModelArgs, mesh, device, ac: bool, compile: bool, param_dt
     parallelize(model, mesh, param_dtype, ac, compile)
     model.to_empty(device=device)
     model.init_weights()
-
-    def loss_fn(m, x, y):
-        return F.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum")
-    return model, loss_fn
+    return model, None
 
 
 def build_torchtitan(margs: ModelArgs, mesh, device, ac: bool, compile: bool, param_dtype):
@@ -273,15 +274,34 @@ def reference_trainer():
 # One training configuration
 
 
-def train_step(model, loss_fn, opt, x, y, micro_batch: int) -> float:
-    """One step of train.run's loop on one rank: the loss is the sum over the step's targets over
-    their count, accumulated over micro-batches; clip to 1.0; AdamW."""
-    loss_sum = torch.zeros((), device=x.device)
+class SyntheticBatches:
+    """What train.train_step reads of a data.Batches: next() -> (inputs, targets) as numpy arrays,
+    the packing counts and this rank's rows. Random tokens, the same for every trainer and every
+    step: speed does not depend on the text."""
+
+    def __init__(self, vocab: int, rows: int, seq_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randint(0, vocab, (rows, seq_len + 1), generator=g).numpy()
+        self.x, self.y = t[:, :-1], t[:, 1:]
+        self.row_range = range(rows)
+        self.packing = (rows, 0, 0)  # sequences of one document, of several; padding tokens
+
+    def next(self):
+        return self.x, self.y
+
+
+def reference_step(model, loss_fn, opt, batches, micro_batch: int, device) -> float:
+    """train.train_step's work, read off it, with a reference's own loss: the batch to the device,
+    the target count read back, micro-batches summed into the loss over that count, clipping to
+    1.0 (the norm read back), AdamW."""
+    x, y = (torch.from_numpy(t).to(device) for t in batches.next())
+    n_targets = max(1, (y != IGNORE).sum().item())
+    loss_sum = torch.zeros((), device=device)
     for i in range(0, len(x), micro_batch):
         loss = loss_fn(model, x[i:i + micro_batch], y[i:i + micro_batch])
-        (loss / y.numel()).backward()
+        (loss / n_targets).backward()
         loss_sum += loss.detach()
-    loss = loss_sum.item() / y.numel()
+    loss = loss_sum.item() / n_targets
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
@@ -289,6 +309,17 @@ def train_step(model, loss_fn, opt, x, y, micro_batch: int) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def stepper(model, loss_fn, opt, batches, micro_batch: int, d):
+    """step(k) -> loss: the engine's train_step for ours (no autocast: FSDP2 casts the parameters
+    itself), reference_step for a reference."""
+    if loss_fn is not None:
+        return lambda k: reference_step(model, loss_fn, opt, batches, micro_batch, d.device)
+    args = SimpleNamespace(micro_batch=micro_batch, grad_clip=1.0, lr=3e-4, warmup=1,
+                           final_lr_frac=1 / 30, steps=1000, out="")
+    no_autocast = torch.autocast(d.device.type, enabled=False)
+    return lambda k: train.train_step(k, model, opt, batches, args, d, no_autocast)[1]
 
 
 def optimizer(model):
@@ -303,35 +334,28 @@ def optimizer(model):
     return opt
 
 
-def batches(vocab: int, rows: int, seq_len: int, device, seed: int = 0):
-    """Random tokens, the same for every trainer: speed does not depend on the text."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (rows, seq_len + 1), generator=g).to(device)
-    return t[:, :-1], t[:, 1:]
-
-
 def measure_training(build, margs, seq_len, rows, micro_batch, ac, a, d) -> dict:
     """Build, warm up, time: tokens/s, MFU, peak memory, and the first step's seconds (compile)."""
     free_memory(d.device)
     model, loss_fn = build(margs, d.mesh, d.device, ac, a.compile, a.param_dtype)
     opt = optimizer(model)
-    x, y = batches(margs.vocab_size, rows, seq_len, d.device)
+    step = stepper(model, loss_fn, opt, SyntheticBatches(margs.vocab_size, rows, seq_len),
+                   micro_batch, d)
     t = time.perf_counter()
-    losses = [train_step(model, loss_fn, opt, x, y, micro_batch)]
+    losses = [step(1)]
     first_s = time.perf_counter() - t
-    for _ in range(a.warmup_steps - 1):
-        train_step(model, loss_fn, opt, x, y, micro_batch)
+    for k in range(2, a.warmup_steps + 1):
+        step(k)
     sync(d.device)
     t = time.perf_counter()
-    for _ in range(a.steps):
-        losses.append(train_step(model, loss_fn, opt, x, y, micro_batch))
+    losses += [step(k) for k in range(a.warmup_steps + 1, a.warmup_steps + a.steps + 1)]
     sync(d.device)
-    tps = a.steps * x.numel() / (time.perf_counter() - t)
+    tps = a.steps * rows * seq_len / (time.perf_counter() - t)
     fpt = train.flops_per_token(margs, seq_len)
     row = {"tokens_per_s": tps, "mfu": mfu(tps, fpt, a.peak), "peak_mem_gb": peak_memory_gb(
         d.device), "first_step_s": first_s, "loss_first": losses[0], "loss_last": losses[-1],
         "params": sum(p.numel() for p in model.parameters())}
-    del model, opt, loss_fn
+    del model, opt, loss_fn, step
     free_memory(d.device)
     if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"losses not finite: {losses}")
@@ -384,15 +408,16 @@ def fits(margs, seq_len, micro_batch, a, d) -> bool:
     code, so what fits eagerly fits compiled), on a model with its optimizer state."""
     free_memory(d.device)
     try:
-        model, loss_fn = build_ours(margs, d.mesh, d.device, True, a.compile, a.param_dtype)
+        model, _ = build_ours(margs, d.mesh, d.device, True, a.compile, a.param_dtype)
         opt = optimizer(model)
-        x, y = batches(margs.vocab_size, micro_batch, seq_len, d.device)
+        step = stepper(model, None, opt, SyntheticBatches(margs.vocab_size, micro_batch, seq_len),
+                       micro_batch, d)
         with torch.compiler.set_stance("force_eager"):
-            train_step(model, loss_fn, opt, x, y, micro_batch)
+            step(1)
         ok = True
     except torch.OutOfMemoryError:
         ok = False
-    model = opt = loss_fn = None  # noqa: F841 (released before the next try)
+    model = opt = step = None  # noqa: F841 (released before the next try)
     free_memory(d.device)
     return ok
 
@@ -547,7 +572,7 @@ class Report:
         print(f"[{time.perf_counter() - self.t0:6.0f} s] part {part}: {what}", flush=True)
         try:
             result = fn()
-        except Exception as e:  # one failed measurement must not cost the others (one GPU run)
+        except (Exception, SystemExit) as e:  # one failure must not cost the others (one GPU run)
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
             free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -571,11 +596,8 @@ class Report:
     def write(self):
         """results.json and results.md, each written whole and renamed into place."""
         data = {**self.header, "elapsed_s": time.perf_counter() - self.t0, "rows": self.rows}
-        for name, text in [("results.json", json.dumps(data, indent=1)),
-                           ("results.md", self.markdown())]:
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.out / name)
+        write_atomic(self.out / "results.json", json.dumps(data, indent=1))
+        write_atomic(self.out / "results.md", self.markdown())
 
     def markdown(self) -> str:
         def cell(r, k, fmt, scale=1):
