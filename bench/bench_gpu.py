@@ -23,10 +23,10 @@ from one zero-gradient step; then --warmup-steps steps (the first compiles), a s
 --steps steps timed together up to a final synchronize. Our step is the engine's own
 (train.train_step: micro-batches summed into the loss over the step's targets, backward, clipping
 to 1.0, AdamW); a reference's step does the same work with its own loss (torchtitan's, compiled
-as its trainer compiles it). MFU is
-train.flops_per_token (6N + 12·L·H·Q·T, PaLM App. B) over train.PEAK_FLOPS's bf16 peak, the same
-FLOPs for both sides (the same shape). Peak memory is torch.cuda.max_memory_allocated over the
-whole configuration (weights, optimizer state, activations). Decoding: the clock is read as each
+as its trainer compiles it). MFU is train.flops_per_token (6N + 12·L·H·Q·T, PaLM App. B) over
+train.PEAK_FLOPS's bf16 peak, the same FLOPs for both sides (the same shape). Peak memory is
+torch.cuda.max_memory_allocated over the whole configuration (weights, optimizer state,
+activations). Decoding: the clock is read as each
 new token reaches the CPU (generate's on_token; transformers' streamer), and tokens/s runs from the
 first new token to the last, as sample.py reports it (the prefill left out); the median of
 --rounds generations, after one more (which compiles, when compiled: timed and reported).
