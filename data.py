@@ -238,6 +238,15 @@ class Tokenizer:
         self.kind = "tiktoken"
         n = len(ranks)
         specials = {s: n + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        # Tokens added after Llama 3's specials (extend_tokenizer's infilling tokens): a rank file
+        # has no place for them, tokenizer_config.json's added_tokens_decoder names them.
+        added = self.config.get("added_tokens_decoder", {})
+        for i in sorted(map(int, added)):
+            if i >= n + len(LLAMA3_SPECIALS):
+                if i != n + len(specials):
+                    raise ValueError(f"{self.config_path}: added token id {i} leaves a gap after "
+                                     f"id {n + len(specials) - 1}")
+                specials[_token_name(added[str(i)])] = i
         pieces = {**ranks, **{s.encode(): i for s, i in specials.items()}}
         # tiktoken panics on a byte it cannot rank: rank missing bytes past the vocabulary, and
         # drop them from the output (as HF drops bytes its byte-level vocabulary lacks).
@@ -360,17 +369,17 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             ids = self.sp.encode(text)
         else:
-            ids = self._encode_bpe(text)
+            ids = self._encode_bpe(text, self._stages)
         for flag, key in ((bos, "bos"), (eos, "eos")):
             if flag and getattr(self, f"{key}_id") is None:
                 raise ValueError(f"{self.path}: no {key.upper()} token is defined")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def _encode_bpe(self, text):
+    def _encode_bpe(self, text, stages):
         if self._normal_form:
             text = unicodedata.normalize(self._normal_form, text)
         pieces = [text] if text else []
-        for stage in self._stages:  # HF applies each pre-tokenizer to every piece of the last
+        for stage in stages:  # HF applies each pre-tokenizer to every piece of the last
             out = []
             for p in pieces:
                 if isinstance(p, int):  # an added token's id, already final
@@ -410,14 +419,19 @@ class Tokenizer:
         return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     def encode_infilling(self, text):
-        """Ids of a suffix or middle without SentencePiece's implicit leading space (Code Llama
-        sec. 2.3; RECIPE.md sec. 2). Byte-level BPE adds no space, so this is plain encode."""
+        """Ids of a suffix or middle without the tokenizer's implicit leading space (Code Llama
+        sec. 2.3: the suffix and middle are pieces of a line, not the start of a text).
+        SentencePiece prepends "▁" to every text: Code Llama encodes a dummy "☺" in front and
+        drops its ids. A byte-level BPE encodes exactly the bytes it is given, so nothing
+        replaces that trick: its one implicit space is the ByteLevel pre-tokenizer's
+        add_prefix_space (false for SmolLM2, GPT-2 and Llama 3), and that step is skipped here."""
         if self.kind == "sentencepiece":
             return self.sp.encode("☺" + text)[len(self._dummy):]
-        return self.encode(text)
+        return self._encode_bpe(text, [st for st in self._stages if st[0] != "prefix_space"])
 
     def decode_infilling(self, ids):
-        """The decode that matches encode_infilling: no leading space is stripped."""
+        """The decode that matches encode_infilling: no leading space is stripped (a byte-level
+        decode never strips one)."""
         if self.kind == "sentencepiece":
             return self.sp.decode(self._dummy + [int(i) for i in ids])[1:]
         return self.decode(ids)
@@ -465,23 +479,60 @@ def _proto_varint(n):
 
 
 def extend_tokenizer(src, out_path):
-    """Write a SentencePiece model = `src` (Llama 2's) plus Code Llama's four infilling pieces.
+    """Write `src` plus Code Llama's four infilling tokens (sec. 2.3) to `out_path`, a file of the
+    same format, with `src`'s tokenizer_config.json beside it. Returns out_path.
 
-    Code Llama added four special tokens (sec. 2.3) and padded the vocabulary to a multiple of
-    16: 32,000 -> 32,016, with ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> at 32007-32010 (RECIPE.md sec. 2).
-    The same ids here keep our checkpoints id-compatible with Code Llama's. The new pieces are
-    CONTROL pieces, which SentencePiece never produces from text (so "<PRE>" inside code stays
-    text) and which decode to ""; the filler slots are CONTROL placeholders. Returns out_path.
+    SentencePiece (Llama 2): Code Llama padded the vocabulary to a multiple of 16, 32,000 ->
+    32,016, with ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> at 32007-32010 (RECIPE.md sec. 2). The same ids
+    here keep our checkpoints id-compatible with Code Llama's. The new pieces are CONTROL pieces,
+    which SentencePiece never produces from text (so "<PRE>" inside code stays text) and which
+    decode to ""; the filler slots are CONTROL placeholders.
+
+    tokenizer.json (byte-level BPE, SmolLM2) and tiktoken (Llama 3): the four tokens, named as
+    Code Llama's, are special added tokens right after the existing ids (Code Llama's ids mean
+    nothing to another vocabulary). `encode` never makes a special token from text, so data
+    cannot forge them either; they decode to their names. tokenizer.json lists them in
+    added_tokens, and tokenizer_config.json's added_tokens_decoder too when it has one, as
+    transformers writes them; a tiktoken rank file has no room for them, so they go into
+    tokenizer_config.json's added_tokens_decoder, after Llama 3's 256 specials.
     """
-    import sentencepiece as spm
     src = Path(src)
     tok = Tokenizer(src)
-    if tok.kind != "sentencepiece":
-        raise ValueError(f"{tok.path}: extend_tokenizer needs a SentencePiece model, "
-                         f"not {tok.kind}")
     present = [p for p in INFILL_PIECES.values() if tok.piece_to_id(p) is not None]
     if present:
         raise ValueError(f"{tok.path} already has infilling pieces {present}")
+    out_path = Path(out_path)
+    if tok.kind == "sentencepiece":
+        _extend_sentencepiece(tok, out_path)
+        if tok.config_path:  # BOS/EOS names and add_bos travel with the tokenizer
+            _atomic_write(out_path.parent / "tokenizer_config.json", tok.config_path.read_bytes())
+        return out_path
+    n = tok.vocab_size
+    new = {n + k: piece for k, piece in enumerate(INFILL_PIECES.values())}
+    entry = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    config = dict(tok.config)
+    if tok.kind == "tokenizer.json":
+        spec = json.loads(tok.path.read_text(encoding="utf-8"))
+        spec["added_tokens"] = spec.get("added_tokens", []) + [
+            {"id": i, "content": piece, **entry} for i, piece in new.items()]
+        data = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+    else:
+        data = tok.path.read_bytes()
+    if "added_tokens_decoder" in config or tok.kind == "tiktoken":
+        config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), **{
+            str(i): {"content": piece, **entry} for i, piece in new.items()}}
+    _atomic_write(out_path, data)
+    if config or tok.kind == "tiktoken":
+        _atomic_write(out_path.parent / "tokenizer_config.json",
+                      json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8"))
+    check = Tokenizer(out_path)
+    if check.vocab_size != n + 4 or [getattr(check, f"{k}_id") for k in INFILL_PIECES] != [*new]:
+        raise RuntimeError(f"{tok.path}: the extended tokenizer did not load as expected")
+    return out_path
+
+
+def _extend_sentencepiece(tok, out_path):
+    import sentencepiece as spm
     n = tok.vocab_size
     size = -(-(n + INFILL_OFFSET + len(INFILL_PIECES)) // 16) * 16  # round up to a multiple of 16
     infill = {n + INFILL_OFFSET + k: p for k, p in enumerate(INFILL_PIECES.values())}
@@ -500,7 +551,6 @@ def extend_tokenizer(src, out_path):
     if check.get_piece_size() != size or any(check.id_to_piece(i) != p for i, p in infill.items()):
         raise RuntimeError(f"{tok.path}: the extended model did not load as expected")
     _atomic_write(out_path, data)
-    return Path(out_path)
 
 
 # ---- prompt layouts (shared by training and sampling) ----
@@ -1269,6 +1319,102 @@ class Batches:
                                    IGNORE) for i in range(n)])
             sets.append((s, x, y))
         return sets
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader workers (train.py --loader-workers)
+#
+# The infilling transform decodes, splits and re-encodes every document it touches, about 0.75M
+# tokens/s in one process: less than a GPU trains a small model on. Rows are independent streams
+# (see "Mixtures and packing"), so N worker processes each build a contiguous block of this rank's
+# rows, batch after batch, one batch ahead of the training loop; the loop joins the blocks. The
+# batches are those the single process would build, bit for bit, and each block comes with its
+# rows' stream position after it, so the main process's Batches always holds the position of the
+# last batch it handed out: checkpoints and resumes work as without workers.
+#
+# Workers are forked (no pickling of the corpus or of a stage's transform closure) and never touch
+# torch. Each talks to the loop over its own pipe, whose write end only the worker holds: a worker
+# that dies (killed, out of memory) closes it, and the loop's read ends with EOF at once and stops
+# the run with the worker's exit code, instead of waiting forever; a worker's exception travels
+# over the pipe as its traceback. Likewise only the loop holds each pipe's read end (a worker
+# closes those it was forked with), so a worker whose loop is gone gets a broken pipe and exits.
+
+
+def _loader_worker(batches, rows, conn, inherited):
+    """Worker: build this block of rows, batch after batch, and send each with its positions."""
+    for c in inherited:  # read ends forked with it: the loop must hold the only one of each pipe
+        c.close()
+    try:
+        batches.row_range = rows
+        batches.pos = {g: batches.pos[g] for g in rows}
+        while True:
+            x, y = batches.next()
+            conn.send((x, y, batches.packing, batches.state_dict()))
+    except (BrokenPipeError, EOFError):  # the training loop is gone
+        pass
+    except BaseException:
+        import traceback
+        with contextlib.suppress(OSError):
+            conn.send(traceback.format_exc())
+    finally:
+        conn.close()
+
+
+class LoaderWorkers:
+    """`batches.next()` run ahead by `n` worker processes (see above). next() returns what
+    batches.next() would, and advances `batches` (step, positions, packing) as it would."""
+
+    def __init__(self, batches: Batches, n: int):
+        rows = list(batches.row_range)
+        n = max(1, min(n, len(rows)))  # a worker builds at least one row
+        self.batches, self.blocks = batches, [list(b) for b in np.array_split(rows, n)]
+        ctx = multiprocessing.get_context("fork")
+        self.conns, self.procs = [], []
+        for w, block in enumerate(self.blocks):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_loader_worker, args=(batches, block, send,
+                                                            [*self.conns, recv]),
+                               daemon=True, name=f"loader-{w}")
+            proc.start()
+            send.close()  # the worker holds the only write end: its death is EOF here
+            self.conns.append(recv)
+            self.procs.append(proc)
+
+    def _receive(self, w):
+        try:
+            item = self.conns[w].recv()
+        except (EOFError, OSError):
+            proc = self.procs[w]
+            proc.join(5)
+            code = proc.exitcode
+            why = (f"killed by signal {-code}" if code is not None and code < 0
+                   else f"exit code {code}")
+            self.close()
+            raise RuntimeError(f"data loader worker {w} (pid {proc.pid}) died ({why}) while "
+                               f"building batch {self.batches.step + 1}: run stopped") from None
+        if isinstance(item, str):
+            self.close()
+            raise RuntimeError(f"data loader worker {w} failed on batch "
+                               f"{self.batches.step + 1}:\n{item}")
+        return item
+
+    def next(self):
+        parts = [self._receive(w) for w in range(len(self.blocks))]
+        b = self.batches
+        for *_, state in parts:
+            b.pos.update({int(g): p for g, p in state["pos"].items()})
+        b.step, b.drawn = parts[0][3]["step"], list(parts[0][3]["drawn"])
+        b.packing = tuple(int(sum(p[2][i] for p in parts)) for i in range(3))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()  # a worker blocked on sending sees a broken pipe and exits
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
 # --------------------------------------------------------------------------------------------------

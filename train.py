@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data import (IGNORE, Batches, Corpus, Dialogs, Tokenizer, is_dialogs, is_prepared, prepare,
-                  summary)
+from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, Tokenizer, is_dialogs,
+                  is_prepared, prepare, summary)
 from model import PRESETS, ModelArgs, Transformer, _args_from_hf_config, _hf_tensors, parallelize
 
 # Dense peak FLOP/s per device, (bf16, fp32), for MFU. GPUs: NVIDIA datasheets (no sparsity). CPU:
@@ -97,6 +97,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     a("--whole-docs", action=argparse.BooleanOptionalAction, default=False,
       help="start a document that fits in a sequence at a sequence start rather than cut it; the "
            "rest of the sequence before it is padding, never a target (train_longctx.py)")
+    a("--loader-workers", type=int, default=0,
+      help="processes per training process that build batches ahead (data.LoaderWorkers; the "
+           "batches are the same as with 0, which builds them in the training process)")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     a("--keep-ckpts", type=int, default=3, help="checkpoints kept (the newest)")
@@ -439,6 +442,8 @@ def setup_data(args, setup, d: Dist, stream_flags=()):
         for flag in ("steps", "seq_len", "batch_tokens", "micro_batch", "ckpt_every", "keep_ckpts"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.loader_workers < 0:
+            raise ValueError("--loader-workers must be 0 or more")
         if args.batch_tokens % args.seq_len:
             raise ValueError(f"--batch-tokens {args.batch_tokens} is not a multiple of --seq-len "
                              f"{args.seq_len}")
@@ -515,6 +520,9 @@ def run(args, setup=None, stream_flags=()):
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_autocast)
     held_out = batches.held_out(args.eval_seqs) if args.eval_every > 0 else []
     timings = []
+    # forked now that `batches` holds the resumed position: the workers start from it
+    loader = LoaderWorkers(batches, args.loader_workers) if args.loader_workers else batches
+    pad_tokens = 0
 
     while step < args.steps:
         step += 1
@@ -522,7 +530,10 @@ def run(args, setup=None, stream_flags=()):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = (torch.from_numpy(t).to(d.device) for t in batches.next())
+        try:
+            x, y = (torch.from_numpy(t).to(d.device) for t in loader.next())
+        except RuntimeError as e:  # a loader worker died or failed: say so, never hang
+            raise SystemExit(f"error: {e}") from None
         # The loss is the mean over all targets of the global batch, however it is split: each rank
         # sums its token losses over the global count, times world size as FSDP averages the ranks.
         # one all-reduce: the target count, and the global batch's sequences holding one document,
@@ -530,6 +541,7 @@ def run(args, setup=None, stream_flags=()):
         counts = d.sum(torch.tensor([(y != IGNORE).sum().item(), *batches.packing],
                                     device=d.device)).tolist()
         n_targets = max(1, counts[0])
+        pad_tokens += counts[3]
         loss_sum = torch.zeros((), device=d.device)
         for i in range(0, per_rank, args.micro_batch):
             with autocast:
@@ -575,6 +587,11 @@ def run(args, setup=None, stream_flags=()):
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(out, step, model, opt, batches, args, d)
 
+    if args.loader_workers:
+        loader.close()
+    if timings:
+        d.print(f"padding: {100 * pad_tokens / (len(timings) * args.batch_tokens):.2f}% of this "
+                "session's tokens (documents kept whole: --whole-docs, infilling examples)")
     if len(timings) > 2:  # the first steps pay for warm-up (allocation, compilation)
         mean = sum(timings[2:]) / len(timings[2:])
         d.print(f"mean over steps 3+ of this session: {args.batch_tokens / mean:,.0f} tokens/s"

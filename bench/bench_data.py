@@ -1,10 +1,15 @@
 """Data throughput on this machine: `prepare` (tokenizing, all cores) and the training loader of one
-process (mixing, packing, BOS/EOS, targets), with and without on-the-fly re-tokenization.
+process (mixing, packing, BOS/EOS, targets), with and without on-the-fly re-tokenization, then the
+infilling stage's loader (data.fim: decode, split, re-encode) built by 1, 2, 4, 8 worker processes
+(train.py --loader-workers, data.LoaderWorkers).
 
 Target: a loader process must outrun the ~10k tokens/s one H100 consumes training a 7B model
-(LESSONS.md anchors: 2.9-6.7k tokens/s/GPU for 8B under FSDP2) by 20x: 200k tokens/s.
+(2.9-6.7k tokens/s/GPU measured for 8B under FSDP2) by 20x: 200k tokens/s. A small model trains
+faster than one process renders infilling examples (0.35-0.4M tokens/s for a 25M model on one
+H200): N workers should give at least 0.7 x N times one process's rate, given N free cores.
 
-    python bench/bench_data.py [--tokenizer ../shared/data/llama2/tokenizer.model] [--seconds 5]
+    python bench/bench_data.py [--tokenizer ../shared/data/llama2/tokenizer.model] [--seconds 5] \
+        [--workers 1 2 4 8]
 """
 
 import argparse
@@ -17,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import Batches, Corpus, Tokenizer, prepare  # noqa: E402
+from data import (Batches, Corpus, LoaderWorkers, Tokenizer, extend_tokenizer,  # noqa: E402
+                  fim, prepare)
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
@@ -37,13 +43,19 @@ def retokenize(tok):
     return transform
 
 
-def loader_rate(corpora, tok, transform, seconds, seq_len=4096, rows=64):
+def loader_rate(corpora, tok, transform, seconds, seq_len=4096, rows=64, workers=0):
+    """Tokens/s of one rank of eight (8 of 64 rows); `workers` processes build them, or (0) the
+    calling process itself. The first batch (forking, first reads) is not timed."""
     b = Batches(corpora, [0.85, 0.15], seq_len, rows, seed=0, tok=tok, transform=transform,
-                row_range=range(0, rows // 8))  # one rank of eight
+                row_range=range(0, rows // 8))
+    loader = LoaderWorkers(b, workers) if workers else b
+    loader.next()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        x, _ = b.next()
+        x, _ = loader.next()
         n += x.size
+    if workers:
+        loader.close()
     return n / (time.perf_counter() - t0)
 
 
@@ -51,6 +63,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"))
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="loader worker counts to measure the infilling loader with")
     args = p.parse_args()
     tok = Tokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,6 +85,17 @@ def main():
             rate = loader_rate(corpora, tok, transform, args.seconds)
             print(f"loader, one process, 4,096-token rows, 2-source mix, {name}: "
                   f"{rate:,.0f} tokens/s = {rate / 10e3:,.0f}x one H100's 7B appetite (10k/s)")
+        # The infilling stage: Code Llama's tokenizer (four tokens added) and its FIM transform.
+        # Shards keep their ids: the extended tokenizer encodes text as the original does.
+        cl = Tokenizer.from_pretrained(extend_tokenizer(args.tokenizer, Path(tmp) / "cl.model"))
+        one = loader_rate(corpora, cl, fim(cl, 4096), args.seconds)
+        print(f"FIM loader (data.fim, rate 0.9, 4,096-token rows), in the training process: "
+              f"{one:,.0f} tokens/s")
+        for n in args.workers:
+            rate = loader_rate(corpora, cl, fim(cl, 4096), args.seconds, workers=n)
+            note = "" if n <= os.cpu_count() else f" (only {os.cpu_count()} cores here)"
+            print(f"FIM loader, {n} worker process(es): {rate:,.0f} tokens/s = "
+                  f"{rate / one:.2f}x one process = {rate / one / n:.2f} x N{note}")
 
 
 if __name__ == "__main__":

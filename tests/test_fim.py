@@ -6,6 +6,7 @@ extension of a Llama 2 model to Code Llama's 32,016 ids by train_infill.py, and 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 import sample
-from data import (IGNORE, Batches, Corpus, Document, Tokenizer, bos_eos, fim, fim_example,
-                  format_infill, prepare)
+from data import (IGNORE, Batches, Corpus, Document, LoaderWorkers, Tokenizer, bos_eos, fim,
+                  fim_example, format_infill, prepare)
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +189,84 @@ def test_fim_stream_is_deterministic_resumable_and_trains_on_eot(tok, tmp_path):
     doc = Document(corpus.tokens(d), "python", tok.decode)
     draws = {tuple(fim(tok, 4096, rate=1.0)(doc, rng)[0]) for rng in (rng0, a._doc_at(0, later)[1])}
     assert len(draws) == 2
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tok, tmp_path_factory):
+    """Real files: the standard library's json, email and asyncio packages (about 150 files)."""
+    out = tmp_path_factory.mktemp("stdlib") / "data"
+    prepare([STDLIB / "json", STDLIB / "email", STDLIB / "asyncio"], tok.path, out,
+            extensions={".py": "python"}, progress=False)
+    return Corpus(out)
+
+
+def fim_stream(tok, corpus, transform=None, rows=6, seq_len=256, row_range=None):
+    return Batches([corpus], [1.0], seq_len, rows, seed=5, tok=tok,
+                   transform=transform or fim(tok, seq_len), row_range=row_range)
+
+
+@pytest.fixture
+def no_hang():
+    """Fails a test that waits more than a minute instead of letting it hang the suite."""
+    def expire(*_):
+        raise TimeoutError("the test waited more than 60 s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_loader_workers_build_the_same_batches_and_resume_exactly(tok, stdlib_corpus, no_hang):
+    ref = fim_stream(tok, stdlib_corpus)
+    want = [(*ref.next(), ref.packing, json.dumps(ref.state_dict())) for _ in range(40)]
+    for n in (1, 2, 4):
+        b = fim_stream(tok, stdlib_corpus)
+        loader = LoaderWorkers(b, n)
+        assert len(loader.procs) == n
+        for x, y, packing, state in want[:25]:
+            gx, gy = loader.next()
+            assert np.array_equal(gx, x) and np.array_equal(gy, y) and b.packing == packing
+            assert json.dumps(b.state_dict()) == state  # the position of the last batch handed
+        loader.close()
+        assert not any(p.is_alive() for p in loader.procs)
+        resumed = fim_stream(tok, stdlib_corpus)  # a resume from the checkpoint of step 25
+        resumed.load_state_dict(json.loads(json.dumps(b.state_dict())))
+        loader = LoaderWorkers(resumed, n)
+        for x, y, packing, state in want[25:]:
+            gx, gy = loader.next()
+            assert np.array_equal(gx, x) and np.array_equal(gy, y)
+        assert json.dumps(resumed.state_dict()) == want[-1][3]
+        loader.close()
+    assert len(LoaderWorkers(fim_stream(tok, stdlib_corpus, rows=2), 8).procs) == 2  # <= rows
+
+
+def test_a_dead_loader_worker_stops_the_loop_with_a_clear_error(tok, stdlib_corpus, no_hang):
+    loader = LoaderWorkers(fim_stream(tok, stdlib_corpus), 2)
+    loader.next()
+    victim = loader.procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=rf"worker 1 \(pid {victim.pid}\) died \(killed by "
+                                           r"signal 9\) while building batch \d+"):
+        for _ in range(10):  # a batch it finished before dying may still be in the pipe
+            loader.next()
+    assert not any(p.is_alive() for p in loader.procs)  # the other worker is stopped too
+
+
+def test_a_failing_loader_worker_sends_its_traceback(tok, stdlib_corpus, no_hang):
+    transform, calls = fim(tok, 256), [0]
+
+    def breaks_on_the_tenth_document(doc, rng):
+        calls[0] += 1  # counted in each worker's own copy
+        if calls[0] == 10:
+            raise ValueError("a document the transform cannot take")
+        return transform(doc, rng)
+
+    loader = LoaderWorkers(fim_stream(tok, stdlib_corpus, breaks_on_the_tenth_document), 2)
+    with pytest.raises(RuntimeError, match=r"(?s)worker 0 failed on batch \d+:.*ValueError: a "
+                                           "document the transform cannot take"):
+        for _ in range(20):
+            loader.next()
 
 
 def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
