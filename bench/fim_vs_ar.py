@@ -282,23 +282,39 @@ def prompt_and_middle(tok, task, mode):
 
 @torch.no_grad()
 def infill_scores(model, tok, tasks, mode, max_new_tokens):
-    """(exact match per task, nats per character of the true middle) over the tasks, in one mode.
-    Generation is greedy and stops at <EOT>, EOS or a line end."""
+    """The scores of one mode over the tasks: exact match per task ("hits"; generation is greedy
+    and stops at <EOT>, EOS or a line end), the true middle's loss in nats per character, and,
+    teacher-forced, the first middle token apart from the rest: its accuracy (greedy choice = the
+    true token) and loss in nats, then the same per token over the rest of the middle. In PSM the
+    first token is where the model must find where the prefix ended from across the suffix."""
     stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
     hits, nats, chars = [], 0.0, 0
+    first_hits, first_nats, rest_hits, rest_nats, rest_n = [], 0.0, 0, 0.0, 0
     for t in tasks:
         prompt, target = prompt_and_middle(tok, t, mode)
         device = model.tok_embeddings.weight.device
         logits = model(torch.tensor([prompt + target[:-1]], device=device))[0, len(prompt) - 1:]
-        nats += F.cross_entropy(logits, torch.tensor(target, device=device),
-                                reduction="sum").item()
+        losses = F.cross_entropy(logits.float(), torch.tensor(target, device=device),
+                                 reduction="none")
+        right = logits.argmax(-1).tolist()
+        right = [a == b for a, b in zip(right, target)]
+        nats += losses.sum().item()
         chars += len(t["middle"])
+        first_hits.append(int(right[0]))
+        first_nats += losses[0].item()
+        rest_hits += sum(right[1:])
+        rest_nats += losses[1:].sum().item()
+        rest_n += len(target) - 1
         decode = infill_decoder(tok, t["prefix"], mode != "psm")  # l2r decodes as SPM does
         ids = generate(model, prompt, max_new_tokens, stop_ids=stop_ids,
                        stop=lambda i, ids: "\n" in decode(ids))[0]
         middle = decode(ids)
         hits.append(int(infill_exact(middle[:middle.find("\n") + 1] or middle, t["middle"])))
-    return hits, nats / chars
+    n = len(tasks)
+    return {"hits": hits, "exact": sum(hits) / n, "nats_per_char": nats / chars,
+            "first_hits": first_hits, "first_acc": sum(first_hits) / n,
+            "first_loss": first_nats / n, "rest_acc": rest_hits / max(1, rest_n),
+            "rest_loss": rest_nats / max(1, rest_n)}
 
 
 def main():
@@ -377,12 +393,13 @@ def main():
                                                args.eval_windows)
         for mode in modes:
             t1 = time.time()
-            r[f"hits_{mode}"], r[f"nats_per_char_{mode}"] = infill_scores(
-                model, tok, tasks, mode, args.max_new_tokens)
-            r[f"exact_{mode}"] = sum(r[f"hits_{mode}"]) / len(tasks)
+            scores = infill_scores(model, tok, tasks, mode, args.max_new_tokens)
+            r.update({f"{k}_{mode}": v for k, v in scores.items()})
             print(f"  {name} {mode}: exact match {r[f'exact_{mode}']:.3f}, middle "
-                  f"{r[f'nats_per_char_{mode}']:.3f} nats/char ({time.time() - t1:.0f}s)",
-                  flush=True)
+                  f"{r[f'nats_per_char_{mode}']:.3f} nats/char; first token accuracy "
+                  f"{r[f'first_acc_{mode}']:.3f}, loss {r[f'first_loss_{mode}']:.3f}; rest "
+                  f"{r[f'rest_acc_{mode}']:.3f}, {r[f'rest_loss_{mode}']:.3f} "
+                  f"({time.time() - t1:.0f}s)", flush=True)
     results["tasks"] = len(tasks)
     results["minutes"] = (time.time() - t0) / 60
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -394,6 +411,13 @@ def main():
         print(f"| {name} | {r['ar_loss']:.4f} | "
               + " / ".join(f"{r[f'exact_{m}']:.3f}" for m in modes) + " | "
               + " / ".join(f"{r[f'nats_per_char_{m}']:.3f}" for m in modes) + " |")
+    print("\n| model | first middle token: accuracy PSM / SPM / prefix only | its loss (nats) | "
+          "rest of the middle: accuracy | loss (nats/token) |")
+    print("|---|---|---|---|---|")
+    for name, r in results["runs"].items():
+        print(f"| {name} | " + " | ".join(" / ".join(f"{r[f'{k}_{m}']:.3f}" for m in modes)
+                                          for k in ("first_acc", "first_loss", "rest_acc",
+                                                    "rest_loss")) + " |")
     a, b = results["runs"]["fim-0.9"], results["runs"]["fim-0"]
     # Paired on the same tasks: the FIM model's best infilling mode against the best the plain
     # model does with any mode, and the tasks where only one of the two is right (McNemar).
