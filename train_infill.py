@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 import train
-from data import INFILL_PIECES, Tokenizer, _atomic_write, extend_tokenizer, fim
+from data import INFILL_PIECES, Tokenizer, extend_tokenizer, fim
 from model import PRESETS
 from train_code import DEFAULTS, peak_lr  # stage 2's paper defaults: only the transform differs
 
@@ -42,14 +42,9 @@ def setup(args, tok):
     """The tokenizer with the infilling tokens (extended here when --init's lacks them) and the FIM
     transform."""
     if any(getattr(tok, f"{key}_id") is None for key in INFILL_PIECES):
-        if tok.kind != "sentencepiece":
-            raise ValueError(f"{tok.path} has no infilling tokens, and only a SentencePiece model "
-                             "(Llama 2's) can be extended with Code Llama's")
-        folder = Path(args.out) / "tokenizer"
         # Every process writes the same bytes atomically: no process ever reads a partial file.
-        path = extend_tokenizer(tok.path, folder / "tokenizer.model")
-        if tok.config_path:  # BOS/EOS names and add_bos travel with the tokenizer
-            _atomic_write(folder / "tokenizer_config.json", tok.config_path.read_bytes())
+        # The tokenizer's config (BOS/EOS names, add_bos) is written beside it.
+        path = extend_tokenizer(tok.path, Path(args.out) / "tokenizer" / tok.path.name)
         old, tok = tok, Tokenizer.from_pretrained(path)
         if os.environ.get("RANK", "0") == "0":  # setup runs on every process; one says it
             if args.init in PRESETS:
@@ -59,8 +54,9 @@ def setup(args, tok):
                         f"to {tok.vocab_size:,} rows (new rows start at the mean row)")
             else:
                 grow = f"the model already has {train.model_args(args).vocab_size:,} embeddings"
+            ids = "Code Llama's" if tok.kind == "sentencepiece" else "added special tokens"
             print(f"tokenizer: {old.path} lacks the infilling tokens: extended from "
-                  f"{old.vocab_size:,} to {tok.vocab_size:,} ids (Code Llama's) in {path}; {grow}",
+                  f"{old.vocab_size:,} to {tok.vocab_size:,} ids ({ids}) in {path}; {grow}",
                   flush=True)
     return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate)
 
