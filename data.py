@@ -1131,9 +1131,11 @@ class Corpus:
 # of the current one starts the next sequence instead of being cut, and the rest of the current one
 # is padding: EOS ids after the last real token, which no real token attends to (attention is
 # causal) and which are never targets. Long files are then seen whole, the repository-level context
-# long-context fine-tuning is for (sec. 2.4). The state stays (documents finished, offset): padding
-# depends only on the stream. `Batches.packing` counts, for the last batch, the sequences made of
-# one document and of several, and the padding tokens: the engine logs them every step.
+# long-context fine-tuning is for (sec. 2.4). A transform may also ask this for one rendering (the
+# infilling examples of train_infill.py, sec. 2.3), the other documents being packed back to back.
+# The state stays (documents finished, offset): padding depends only on the stream.
+# `Batches.packing` counts, for the last batch, the sequences made of one document and of several,
+# and the padding tokens: the engine logs them every step.
 
 IGNORE = -100  # the target of a position whose loss is masked (F.cross_entropy's ignore_index)
 _MIX, _PERM, _DOC, _EVAL, _HOLDOUT = range(5)  # seed-sequence tags keep the random streams apart
@@ -1152,7 +1154,9 @@ class Batches:
     """The training stream over a mixture of prepared sources.
 
     `transform(doc, rng) -> (ids, mask)` renders one document (default: `bos_eos(tok)`); mask (bool
-    per id, or None for all True) marks the ids that are targets. `rng` is seeded by the document's
+    per id, or None for all True) marks the ids that are targets; a third value, when there is one
+    and it is True, asks for this rendering to lie whole in one sequence, as `whole_docs` asks for
+    every document (when it fits in one). `rng` is seeded by the document's
     position in the stream, so a transform's choices (such as infilling split points) are the same
     after a resume. `row_range` is this rank's share of the rows. Each source keeps up to
     `eval_docs` documents (at most a tenth) out of training, for the held-out loss. `whole_docs`:
@@ -1220,16 +1224,18 @@ class Batches:
         return d, np.random.default_rng([self.seed, _DOC, s, i])
 
     def _render(self, s, d, rng):
+        """(ids, mask, whether it must lie whole in one sequence) of document d of source s."""
         c = self.corpora[s]
         if isinstance(c, Dialogs):  # encoded with its loss mask (answers only); the transform
-            ids, mask = c.tokens(d), c.mask(d)  # is for plain documents (rehearsal, sec. 2.5)
+            ids, mask, whole = c.tokens(d), c.mask(d), False  # is for plain documents (sec. 2.5)
         else:
-            ids, mask = self.transform(Document(c.tokens(d), c.lang(d), self.decode), rng)
+            ids, mask, whole = (*self.transform(Document(c.tokens(d), c.lang(d), self.decode),
+                                                rng), False)[:3]
         ids = np.asarray(ids, np.int64)
         mask = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
         if len(mask) != len(ids):
             raise ValueError(f"transform returned {len(ids)} ids but a mask of {len(mask)}")
-        return ids, mask
+        return ids, mask, bool(whole)
 
     def _stream_doc(self, g, s, k):
         key = (g, s)
@@ -1241,13 +1247,13 @@ class Batches:
     def _read(self, g, s, k, off, n, whole=False):
         """n ids and mask bits from stream (g, s) starting at document k, offset off; where the
         stream stands after them; how many documents they come from, and how many are padding.
-        `whole`: a document that would be cut at the end but fits in a sequence is left for the
-        next one, and padding fills the rest."""
+        `whole` (or a rendering that asks for it): a document that would be cut at the end but
+        fits in a sequence is left for the next one, and padding fills the rest."""
         ids, mask = [], []
         empty = docs = 0
         while n > 0:
-            doc_ids, doc_mask = self._stream_doc(g, s, k)
-            if whole and docs and off == 0 and n < len(doc_ids) <= self.seq_len:
+            doc_ids, doc_mask, doc_whole = self._stream_doc(g, s, k)
+            if (whole or doc_whole) and docs and off == 0 and n < len(doc_ids) <= self.seq_len:
                 ids.append(np.full(n, self.pad_id, np.int64))
                 mask.append(np.zeros(n, bool))
                 return np.concatenate(ids), np.concatenate(mask), k, off, docs, n
@@ -1299,7 +1305,7 @@ class Batches:
         for s, c in enumerate(self.corpora):
             ids, mask = [], []
             for d in self.eval_ids[s]:
-                doc_ids, doc_mask = self._render(s, int(d), np.random.default_rng(
+                doc_ids, doc_mask, _ = self._render(s, int(d), np.random.default_rng(
                     [self.seed, _EVAL, s, int(d)]))
                 ids.append(doc_ids)
                 mask.append(doc_mask)
@@ -1563,13 +1569,18 @@ class Dialogs:
 # document's BOS follows an EOS whatever the transform did. Every id is a target ([FIM] keeps the
 # loss on all three parts; Code Llama is silent).
 #
-# "Only documents that are not cut across several model contexts": here documents are packed into
-# a stream with no alignment to context starts, so where a document lands depends on everything
-# before it in its stream. The one property of the document itself is whether it can lie in one
-# context at all: its plain rendering (BOS + tokens + EOS) fits in seq_len tokens. Longer documents
-# are always cut, would lose their sentinels or their middle to the next context, and are rendered
-# plainly. This keeps the choice a function of (seed, document, stream position) alone, so a resume
-# makes the same choices (Batches seeds `rng` by position; a document gets new cuts each epoch).
+# "Only documents that are not cut across several model contexts" (sec. 2.3): an infilling example
+# that cannot lie whole in one context is rendered plainly instead (its plain rendering is longer
+# than seq_len, or the sentinels and the re-encoding of three parts push the example past it: a
+# few documents near the limit), and one that can is placed whole in one context: the transform
+# asks Batches for it (its third value, see "Mixtures and packing"), so when it does not fit in
+# what is left of the current sequence, the rest is padding and it starts the next one. Packed
+# back to back like any document, a third of the examples would be cut (measured on the standard
+# library at 256 tokens), a PSM middle then often trained without its prefix in view. The other
+# documents are packed back to back as in the other stages; `whole_docs=False` packs the examples
+# that way too, for comparisons. Every choice is a function of (seed, document, stream position),
+# so a resume makes the same ones (Batches seeds `rng` by position; a document gets new cuts each
+# epoch).
 
 
 def fim_example(tok, prefix, middle, suffix, suffix_first=False):
@@ -1589,10 +1600,11 @@ def fim_example(tok, prefix, middle, suffix, suffix_first=False):
     return ids + [tok.eot_id, tok.eos_id]
 
 
-def fim(tok, seq_len, rate=0.9, spm_rate=0.5):
-    """The FIM transform for Batches: with probability `rate` a document that fits in one context
-    becomes an infilling example, PSM or SPM (SPM with probability `spm_rate`; the paper: 0.9 and
-    half and half, sec. 2.3); otherwise it is rendered as `bos_eos` does."""
+def fim(tok, seq_len, rate=0.9, spm_rate=0.5, whole_docs=True):
+    """The FIM transform for Batches: with probability `rate` a document becomes an infilling
+    example, PSM or SPM (SPM with probability `spm_rate`; the paper: 0.9 and half and half, sec.
+    2.3), if the example fits in one context of seq_len tokens; otherwise it is rendered as
+    `bos_eos` does. `whole_docs`: examples are placed whole in one context (see above)."""
     if not 0 <= rate <= 1 or not 0 <= spm_rate <= 1:
         raise ValueError(f"FIM rate {rate} and SPM rate {spm_rate} must lie in [0, 1]")
     format_infill(tok, "", "")  # a tokenizer without the infilling pieces fails here, clearly
@@ -1602,11 +1614,14 @@ def fim(tok, seq_len, rate=0.9, spm_rate=0.5):
         ids, mask = plain(doc, rng)
         u_fim, u_spm = rng.random(2)
         if len(ids) > seq_len or u_fim >= rate:
-            return ids, mask
+            return ids, mask, False
         text = doc.text  # decoded only for the documents that are transformed
         # Two cut points, independent and uniform over the characters (sec. 2.3), then sorted.
         a, b = sorted(int(c) for c in rng.integers(0, len(text) + 1, 2))
-        return np.array(fim_example(tok, text[:a], text[a:b], text[b:], u_spm < spm_rate)), None
+        example = fim_example(tok, text[:a], text[a:b], text[b:], u_spm < spm_rate)
+        if len(example) > seq_len:  # never cut: rendered plainly, as a longer document is
+            return ids, mask, False
+        return np.array(example), None, whole_docs
     return transform
 
 

@@ -580,6 +580,7 @@ def run(args, setup=None, stream_flags=()):
         d.print(f"step {step}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f}"
                 f" | {row['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem {mem:.2f} GB"
                 f" | 1-doc seqs {counts[1]}/{counts[1] + counts[2]}"
+                + (f" | pad {100 * row['pad_frac']:.1f}%" if counts[3] else "")
                 + "".join(f" | {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")))
         if d.rank == 0:
             with open(metrics, "a") as f:

@@ -29,6 +29,7 @@ Eight GPUs, the paper's settings, from Llama 2 7B (HF layout):
         --data data/code data/code_nl data/nl --out runs/infill-7b --activation-checkpointing
 """
 
+import argparse
 import os
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def setup(args, tok):
             print(f"tokenizer: {old.path} lacks the infilling tokens: extended from "
                   f"{old.vocab_size:,} to {tok.vocab_size:,} ids ({ids}) in {path}; {grow}",
                   flush=True)
-    return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate)
+    return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate, args.fim_whole_docs)
 
 
 def parser():
@@ -69,6 +70,11 @@ def parser():
     p.add_argument("--spm-rate", type=float, default=0.5,
                    help="share of the infilling examples in the SPM layout, the rest PSM "
                         "(sec. 2.3)")
+    p.add_argument("--fim-whole-docs", action=argparse.BooleanOptionalAction, default=True,
+                   help="place each infilling example whole in one context, padding the rest of "
+                        "the one it does not fit in (sec. 2.3); --no-fim-whole-docs packs them "
+                        "back to back, cut at context boundaries like any document (for "
+                        "comparisons)")
     return p
 
 
@@ -76,5 +82,5 @@ if __name__ == "__main__":
     args = parser().parse_args()
     if args.lr is None:
         args.lr = peak_lr(args)
-    # the FIM rates shape the data stream too: a resume with other values is refused
-    train.run(args, setup, stream_flags=("fim_rate", "spm_rate"))
+    # the FIM flags shape the data stream too: a resume with other values is refused
+    train.run(args, setup, stream_flags=("fim_rate", "spm_rate", "fim_whole_docs"))
