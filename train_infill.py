@@ -3,15 +3,19 @@
 The same data, schedule and length as train_code.py, with one change: 90% of the documents that
 fit in one context become fill-in-the-middle examples, half PSM and half SPM (data.fim, RECIPE.md
 sec. 2), and the model learns to write a middle between a prefix and a suffix at little cost to
-ordinary completion (Table 5). 34B and the Python models were trained without it.
+ordinary completion (Table 5). 34B and the Python models were trained without it. As in the paper,
+an example is never cut across two contexts: each lies whole in one (the rest of the sequence it
+does not fit in is padding, whose share each step logs), and a document whose example would not
+fit in one is rendered plainly (--no-fim-whole-docs packs examples back to back, for comparisons).
 
 Code Llama added four tokens for this (▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; 32,000 -> 32,016 ids).
 Started from a model whose tokenizer lacks them (Llama 2), this script writes the extended
-tokenizer into OUT/tokenizer/ (data.extend_tokenizer: Code Llama's ids), the engine grows the
-embeddings to match (new rows start at the mean row) and the export OUT/hf/ carries the extended
-tokenizer. The held-out loss it logs is that of its own objective (the held-out documents go through
-the same transform, with fixed split points), so it is not comparable with another stage's plain
-next-token loss: bench/fim_vs_ar.py measures that one for FIM and plain runs alike.
+tokenizer into OUT/tokenizer/ (data.extend_tokenizer: Code Llama's ids; a byte-level BPE such as
+SmolLM2's, or a tiktoken file, gets them as added special tokens right after its ids), the engine
+grows the embeddings to match (new rows start at the mean row) and the export OUT/hf/ carries the
+extended tokenizer. The held-out loss it logs is that of its own objective (the held-out documents
+go through the same transform, with fixed split points), so it is not comparable with another
+stage's plain next-token loss: bench/fim_vs_ar.py measures that one for FIM and plain runs alike.
 
 One CPU, the tiny preset on the interpreter's own standard library (a few minutes; only files that
 fit in one 256-token context become infilling examples, a minority of the library's files:
