@@ -122,7 +122,12 @@ a 135M model at 2,048 tokens, compiled), not a measurement: if the first steps l
 
 (SMOLLM2: `python -c "import sys; sys.path.insert(0, 'tests'); import gguf_to_hf;
 print(gguf_to_hf.cached_conversion())"`; STDLIB and SITE_PACKAGES as above.) Not run yet: no
-GPU was available when it was prepared."""
+GPU was available when it was prepared. Read SPM and prefix-only with SmolLM2's tokenizer in mind:
+GPT-2's pre-tokenizer joins a line end to the next line's indentation ("\n   " + " return"), so
+a line start is not a token boundary there as it is for SentencePiece, and a prompt that ends
+with the prefix's own tokens ends on a token ("\n") the model rarely saw before indentation; the
+middle is then scored in its own encoding (prompt_and_middle), and token healing (App. E), which
+would let the model re-write that last token, is not implemented. PSM has no such seam."""
 
 import argparse
 import ast
