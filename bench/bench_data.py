@@ -14,6 +14,7 @@ H200): N workers should give at least 0.7 x N times one process's rate, given N 
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -45,18 +46,24 @@ def retokenize(tok):
 
 def loader_rate(corpora, tok, transform, seconds, seq_len=4096, rows=64, workers=0):
     """Tokens/s of one rank of eight (8 of 64 rows); `workers` processes build them, or (0) the
-    calling process itself. The first batch (forking, first reads) is not timed."""
+    calling process itself. The first batch (forking, first reads) is not timed. Also tokens per
+    CPU-second of all the processes (the loop's and the workers'): on a busy machine the wall
+    rate says how many cores were free, this one what N free cores would give."""
     b = Batches(corpora, [0.85, 0.15], seq_len, rows, seed=0, tok=tok, transform=transform,
                 row_range=range(0, rows // 8))
     loader = LoaderWorkers(b, workers) if workers else b
     loader.next()
-    n, t0 = 0, time.perf_counter()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         x, _ = loader.next()
         n += x.size
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if workers:
-        loader.close()
-    return n / (time.perf_counter() - t0)
+        loader.close()  # joined: their CPU time is then counted
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu += (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return n / wall, n / cpu
 
 
 def main():
@@ -82,20 +89,23 @@ def main():
         corpora = [code, Corpus(Path(tmp) / "other")]
         for name, transform in (("BOS + document + EOS", None),
                                 ("decode + split + re-encode", retokenize(tok))):
-            rate = loader_rate(corpora, tok, transform, args.seconds)
+            rate = loader_rate(corpora, tok, transform, args.seconds)[0]
             print(f"loader, one process, 4,096-token rows, 2-source mix, {name}: "
                   f"{rate:,.0f} tokens/s = {rate / 10e3:,.0f}x one H100's 7B appetite (10k/s)")
         # The infilling stage: Code Llama's tokenizer (four tokens added) and its FIM transform.
         # Shards keep their ids: the extended tokenizer encodes text as the original does.
         cl = Tokenizer.from_pretrained(extend_tokenizer(args.tokenizer, Path(tmp) / "cl.model"))
-        one = loader_rate(corpora, cl, fim(cl, 4096), args.seconds)
+        one, one_cpu = loader_rate(corpora, cl, fim(cl, 4096), args.seconds)
         print(f"FIM loader (data.fim, rate 0.9, 4,096-token rows), in the training process: "
-              f"{one:,.0f} tokens/s")
+              f"{one:,.0f} tokens/s, {one_cpu:,.0f} per CPU-second (load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         for n in args.workers:
-            rate = loader_rate(corpora, cl, fim(cl, 4096), args.seconds, workers=n)
+            rate, cpu = loader_rate(corpora, cl, fim(cl, 4096), args.seconds, workers=n)
             note = "" if n <= os.cpu_count() else f" (only {os.cpu_count()} cores here)"
             print(f"FIM loader, {n} worker process(es): {rate:,.0f} tokens/s = "
-                  f"{rate / one:.2f}x one process = {rate / one / n:.2f} x N{note}")
+                  f"{rate / one:.2f}x one process = {rate / one / n:.2f} x N{note}; "
+                  f"{cpu:,.0f} per CPU-second = {cpu / one_cpu:.2f}x one process's: with N "
+                  f"free cores, {cpu / one_cpu:.2f} x N")
 
 
 if __name__ == "__main__":
