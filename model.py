@@ -8,8 +8,8 @@ and `resize_vocab` grows the embeddings for new tokens.
 
 RoPE layout: we rotate in "half-split" form (dim i is paired with dim i + head_dim/2), the layout of
 HF checkpoints, so HF folders load and save without touching q/k. Meta's original checkpoints pair
-(2i, 2i+1); `_meta_to_hf_qk` permutes their q/k rows at load time (RECIPE.md sec. 7; LESSONS.md item
-6: skipping this does not crash, the model just gets quietly worse).
+(2i, 2i+1); `_meta_to_hf_qk` permutes their q/k rows at load time, as transformers' Llama
+conversion script does (skipping it does not crash: the model just gets quietly worse).
 """
 
 import json
@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,7 +77,8 @@ class ModelArgs:
         return self.n_layers * block + self.dim + (emb if embeddings else 0)
 
 
-# Dimensions from RECIPE.md sec. 6 (Code Llama) and sec. 7 (Llama 2). vocab_size is the tokenizer's.
+# Dimensions from the released params.json / config.json of Code Llama and Llama 2 (Llama 2 paper,
+# Table 1 for the sizes). vocab_size is the tokenizer's.
 PRESETS = {
     # a few M parameters: the CPU tests and the demo (GQA on purpose, so tests cover it)
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=1024),
@@ -164,8 +165,8 @@ def gqa_attention(q, k, v, causal: bool, offset: int = 0):
 
     SDPA shares kv heads itself (enable_gqa) instead of us copying k/v H/Hkv times, and its fused
     kernels never build the (T, S) score matrix in the causal case, which is what lets 16k-token
-    training fit (LESSONS.md item 4). Only a cached prefix followed by several new tokens (offset >
-    0) needs an explicit mask: query t sees keys up to offset + t.
+    training fit (FSDP shards weights, not activations). Only a cached prefix followed by several
+    new tokens (offset > 0) needs an explicit mask: query t sees keys up to offset + t.
     """
     gqa = k.shape[1] != q.shape[1]
     if torch.is_tensor(offset):  # one new token at a tensor position, over a whole static cache
@@ -293,38 +294,29 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02):
         """Initialization for training from scratch (after `to_empty` when built on meta)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                # residual-branch outputs scaled with depth: the residual stream keeps its scale
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            init_weight(name, p, self.args.n_layers, std)
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int):
-        """Grow the embeddings (and output rows) for new tokens, such as the infilling tokens.
-
-        New rows start at the mean of the existing rows: a new token then looks like an average
-        token, the output gives it an average logit, and the loss does not jump at the first step.
-        """
+        """Grow the embeddings (and output rows) for new tokens, such as the infilling tokens; new
+        rows start at the mean row (mean_rows). The training engine grows them the same way while
+        loading a checkpoint (load_weights)."""
         old = self.args.vocab_size
         if new_size < old:
             raise ValueError(f"resize_vocab only grows the vocabulary ({old} -> {new_size})")
         if new_size == old:
             return
         emb = self.tok_embeddings.weight
-        grown = torch.cat([emb, emb.mean(0, keepdim=True).expand(new_size - old, -1)])
+        grown = mean_rows(emb, new_size).clone()
         self.tok_embeddings = nn.Embedding(new_size, self.args.dim, device=emb.device,
-                                           dtype=emb.dtype, _weight=grown.clone())
+                                           dtype=emb.dtype, _weight=grown)
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         else:
             w = self.output.weight
             self.output = nn.Linear(self.args.dim, new_size, bias=False, device=w.device,
                                     dtype=w.dtype)
-            self.output.weight.copy_(torch.cat([w, w.mean(0, keepdim=True).expand(new_size - old,
-                                                                                -1)]))
+            self.output.weight.copy_(mean_rows(w, new_size))
         self.args.vocab_size = new_size
 
     # ----------------------------------------------------------------------------------------------
@@ -342,8 +334,8 @@ class Transformer(nn.Module):
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {path} does not exist")
         if (path / "config.json").exists():
-            args, file_dtype = _args_from_hf_config(path / "config.json")
-            tensors = _hf_tensors(path)
+            args, file_dtype = args_from_hf_config(path / "config.json")
+            tensors = hf_tensors(path)
         elif (path / "params.json").exists():
             args, file_dtype = _args_from_meta_params(path / "params.json")
             tensors = _meta_tensors(path, args)
@@ -355,22 +347,11 @@ class Transformer(nn.Module):
         dtype = dtype or file_dtype
         with torch.device("meta"):
             model = cls(args)
-        expected = dict(model.named_parameters())  # a tied output shares the embedding's entry
-        for name, source, tensor in tensors:
-            if name not in expected:
-                continue  # e.g. old HF checkpoints' rotary_emb.inv_freq: derived, not a weight
-            want = expected[name]
-            if tuple(tensor.shape) != tuple(want.shape):
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {tuple(want.shape)}")
-            _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        params = dict(model.named_parameters())  # a tied output shares the embedding's entry
+        load_weights(params, tensors, path,
+                     lambda name, t: _set_param(model, name, t.to(device=device, dtype=dtype)))
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"{path}: tensors missing from the checkpoint: "
-                             f"{', '.join(missing[:5])}"
-                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         return model
 
     def save_pretrained(self, out_dir, shard_bytes: int = 5 * 2**30, dtype=None):
@@ -438,6 +419,49 @@ class Transformer(nn.Module):
             os.rename(tmp, out_dir)
 
 
+@torch.no_grad()
+def init_weight(name: str, p: torch.Tensor, n_layers: int, std: float = 0.02):
+    """One parameter's initialization for training from scratch: norm gains 1, weights normal."""
+    if name.endswith("norm.weight"):
+        nn.init.ones_(p)
+    elif name.endswith(("wo.weight", "w2.weight")):
+        # residual-branch outputs scaled with depth: the residual stream keeps its scale
+        nn.init.normal_(p, std=std / math.sqrt(2 * n_layers))
+    else:
+        nn.init.normal_(p, std=std)
+
+
+def mean_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Embedding rows `t` grown to n rows, the new ones at the mean row: a new token then looks like
+    an average token, the output gives it an average logit, and the loss does not jump at the first
+    step."""
+    return torch.cat([t, t.mean(0, keepdim=True).expand(n - t.shape[0], -1)])
+
+
+def load_weights(params: dict, tensors, where, put, grow=False):
+    """The one loading loop (from_pretrained and the training engine): each checkpoint tensor
+    (name, source file, tensor) goes to `put(name, tensor)` for the parameter of that name in
+    `params`. With `grow`, embedding rows beyond the checkpoint's vocabulary (tokens a stage
+    added) start at the mean row, as in Transformer.resize_vocab. Shapes must match, and every
+    parameter must be found."""
+    loaded = set()
+    for name, source, t in tensors:
+        if name not in params:
+            continue  # e.g. old HF checkpoints' rotary_emb.inv_freq: derived, not a weight
+        want = tuple(params[name].shape)
+        if grow and name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < want[0]:
+            t = mean_rows(t.float(), want[0])
+        if tuple(t.shape) != want:
+            raise ValueError(f"{Path(where) / source}: tensor {name!r} has shape "
+                             f"{tuple(t.shape)}, the model {want}")
+        put(name, t)
+        loaded.add(name)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise ValueError(f"{where}: tensors missing from the checkpoint: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
 def _set_param(model, name, tensor):
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -448,7 +472,7 @@ def parallelize(model: Transformer, mesh=None, param_dtype=None, checkpoint_acti
                 compile=False) -> Transformer:
     """Ready a model for training, per block, in torchtitan's order: activation checkpointing, then
     compile, then FSDP2 (`fully_shard`) when a device mesh is given. Call it on the meta device,
-    before `to_empty`, so the full model never exists on one device (LESSONS.md item 5).
+    before `to_empty`, so the full model never exists on one device (as torchtitan does).
 
     Parameter names stay as they are (no wrapper or `_orig_mod.` prefixes), so checkpoints and
     `save_pretrained` see the plain model.
@@ -462,7 +486,7 @@ def parallelize(model: Transformer, mesh=None, param_dtype=None, checkpoint_acti
     for i, block in enumerate(model.layers):
         if checkpoint_activations:
             # keep only each block's input, recompute the rest in backward: FSDP shards weights and
-            # optimizer state, not activations, and these are what a 16k context fills (LESSONS 4)
+            # optimizer state, not activations, and these are what a 16k context fills (sec. 2.4)
             checkpoint(block)
         if compile:
             block.compile()  # in place: the parameter names keep no `_orig_mod.` prefix
@@ -481,7 +505,7 @@ def parallelize(model: Transformer, mesh=None, param_dtype=None, checkpoint_acti
 
 
 def _hf_names(args: ModelArgs) -> dict:
-    """Our parameter names -> HF LlamaForCausalLM names (RECIPE.md sec. 7)."""
+    """Our parameter names -> HF LlamaForCausalLM names (transformers' modeling_llama.py)."""
     names = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
@@ -499,7 +523,7 @@ def _hf_names(args: ModelArgs) -> dict:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _args_from_hf_config(path: Path):
+def args_from_hf_config(path: Path):
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -509,8 +533,8 @@ def _args_from_hf_config(path: Path):
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
-    # Newer transformers write rope_parameters.rope_theta, older ones a top-level rope_theta
-    # (LESSONS.md item 10); Llama 2 configs may carry neither (then 1e4).
+    # Newer transformers write rope_parameters.rope_theta, older ones a top-level rope_theta; Llama
+    # 2 configs may carry neither (then 1e4, the Llama 2 base; Code Llama sets 1e6, sec. 2.4).
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e4
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
@@ -551,7 +575,7 @@ def _hf_config(args: ModelArgs, dtype) -> dict:
     }
 
 
-def _hf_tensors(path: Path):
+def hf_tensors(path: Path):
     """Yield (our name, source file, tensor) from single or sharded safetensors, one tensor at a
     time."""
     from safetensors import safe_open
@@ -564,7 +588,7 @@ def _hf_tensors(path: Path):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    ours = {v: k for k, v in _hf_names(_args_from_hf_config(path / "config.json")[0]).items()}
+    ours = {v: k for k, v in _hf_names(args_from_hf_config(path / "config.json")[0]).items()}
     for fname in files:
         f = path / fname
         if not f.exists():
@@ -612,8 +636,8 @@ def _meta_to_hf_qk(w, n_heads):
 
 
 def _meta_tensors(path: Path, args: ModelArgs):
-    """Merge model-parallel shards tensor by tensor (RECIPE.md sec. 7): column-parallel weights are
-    concatenated on dim 0, row-parallel ones (and Llama 2's embedding) on dim 1, norms
+    """Merge model-parallel shards tensor by tensor (Meta's release layout): column-parallel weights
+    are concatenated on dim 0, row-parallel ones (and Llama 2's embedding) on dim 1, norms
     replicated."""
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:

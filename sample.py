@@ -10,7 +10,8 @@ r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), ins
     python sample.py --ckpt out/code/hf --prompt "def f(" --compile   # compiled decoding steps
 
 Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token
-per step reading only the new token. `generate` is also the engine of self_instruct.py and eval.py.
+per step reading only the new token. `generate` is also the engine of backends.py (self-instruct,
+HumanEval) and eval.py.
 """
 
 import argparse
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from data import RESERVED_TAGS, Tokenizer, format_dialog, format_infill
-from model import Transformer
+from model import DTYPES, Transformer
+from prompts import RESERVED_TAGS, format_dialog, format_infill
+from tokenizer import Tokenizer
 
 # Where `python demo.py` leaves its infilling model: --infill's checkpoint when --ckpt is not given.
 DEMO_INFILL = Path(__file__).resolve().parent / "runs/demo/infill/hf"
@@ -167,13 +169,13 @@ def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="",
     return text
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer); with "
                    "--infill, default: the demo's infilling model (runs/demo/infill/hf)")
     p.add_argument("--prompt", help="completion prompt; with --infill it may hold <FILL>")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.2)  # example_completion.py in [R]
+    p.add_argument("--temperature", type=float, default=0.2)  # Meta's example_completion.py
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -191,7 +193,71 @@ def main(argv=None):
     p.add_argument("--instruct", action="store_true",
                    help="chat (sec. 2.5) in the tokenizer's layout: Llama 2's, ChatML for SmolLM2")
     p.add_argument("--system", help="system prompt (--instruct)")
-    args = p.parse_args(argv)
+    return p
+
+
+def infill(args, model, tok):
+    """--infill: the middle between a prefix and a suffix, in the PSM or SPM layout (sec. 2.3)."""
+    if (args.prefix is not None or args.suffix is not None) and args.prompt is not None:
+        raise SystemExit("error: --infill takes --prefix/--suffix or a --prompt holding "
+                         "<FILL>, not both")
+    if args.prefix is not None or args.suffix is not None:
+        prefix, suffix = args.prefix or "", args.suffix or ""
+    elif args.prompt is not None:
+        if args.prompt.count("<FILL>") != 1:
+            raise SystemExit("error: an --infill prompt needs exactly one <FILL> marker")
+        prefix, suffix = args.prompt.split("<FILL>")
+    else:
+        prefix, suffix = DEMO_PREFIX, DEMO_SUFFIX
+    try:
+        prompt_ids = format_infill(tok, prefix, suffix, suffix_first=args.spm)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.ckpt}: {e}")
+    # SPM: the middle continues the prefix, which was encoded with its leading space
+    decode = tok.continuation(tok.encode(prefix)) if args.spm else tok.decode_infilling
+    color = "\033[1;32m" if sys.stdout.isatty() else ""
+    # generation ends at <EOT> (the model learnt to stop there, Bavarian et al. 2022, sec. 3);
+    # EOS too, should the model emit it
+    run_one(args, model, tok, prompt_ids, decode, {tok.eot_id, tok.eos_id}, color,
+            before=prefix, after=suffix)
+
+
+def instruct(args, model, tok):
+    """--instruct: one answer to --prompt, or a multi-turn chat on stdin without it (sec. 2.5)."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.prompt is None
+    while True:
+        if interactive:
+            try:
+                user = input("\nuser> ")
+            except EOFError:
+                return
+            if not user.strip():
+                continue
+        else:
+            user = args.prompt
+        messages.append({"role": "user", "content": user})
+        try:
+            bad = [t for t in RESERVED_TAGS if t in user]
+            if bad:  # refused in either layout, as Code Llama's reference code does
+                raise ValueError(f"the user message contains the reserved tags {bad}")
+            prompt_ids = format_dialog(tok, messages)
+        except ValueError as e:
+            messages.pop()
+            if not interactive:
+                raise SystemExit(f"error: {e}")
+            print(f"refused: {e}")
+            continue
+        decode = lambda ids: tok.decode(ids).strip()  # noqa: E731
+        answer = run_one(args, model, tok, prompt_ids, decode, {tok.eos_id},
+                         before="" if args.json else "assistant> ")
+        messages.append({"role": "assistant", "content": answer})
+        if not interactive:
+            return
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.ckpt is None and args.infill:
         if not (DEMO_INFILL / "config.json").is_file():
             raise SystemExit(f"error: no --ckpt, and no demo infilling model in {DEMO_INFILL}: "
@@ -200,79 +266,19 @@ def main(argv=None):
     if args.ckpt is None:
         raise SystemExit("error: --ckpt is required (only --infill has a default: the demo's "
                          "infilling model)")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    model, tok = load(args.ckpt, dtype, args.device)
-    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-
+    model, tok = load(args.ckpt, DTYPES.get(args.dtype), args.device)
     if args.infill:
-        if (args.prefix is not None or args.suffix is not None) and args.prompt is not None:
-            raise SystemExit("error: --infill takes --prefix/--suffix or a --prompt holding "
-                             "<FILL>, not both")
-        if args.prefix is not None or args.suffix is not None:
-            prefix, suffix = args.prefix or "", args.suffix or ""
-        elif args.prompt is not None:
-            if args.prompt.count("<FILL>") != 1:
-                raise SystemExit("error: an --infill prompt needs exactly one <FILL> marker")
-            prefix, suffix = args.prompt.split("<FILL>")
-        else:
-            prefix, suffix = DEMO_PREFIX, DEMO_SUFFIX
-        try:
-            prompt_ids = format_infill(tok, prefix, suffix, suffix_first=args.spm)
-        except ValueError as e:
-            raise SystemExit(f"error: {args.ckpt}: {e}")
-        if args.spm:  # the middle continues the prefix, which was encoded with its leading space
-            tail = tok.encode(prefix)[-8:]
-            n = len(tok.decode(tail))
-            decode = lambda ids: tok.decode(tail + ids)[n:]  # noqa: E731
-        else:
-            decode = tok.decode_infilling
-        color = "\033[1;32m" if sys.stdout.isatty() else ""
-        # generation ends at <EOT> (LESSONS.md item 1); EOS too, should the model emit it
-        run_one(args, model, tok, prompt_ids, decode, {tok.eot_id, tok.eos_id}, color,
-                before=prefix, after=suffix)
-        return
-
+        return infill(args, model, tok)
     if args.instruct:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        interactive = args.prompt is None
-        while True:
-            if interactive:
-                try:
-                    user = input("\nuser> ")
-                except EOFError:
-                    return
-                if not user.strip():
-                    continue
-            else:
-                user = args.prompt
-            messages.append({"role": "user", "content": user})
-            try:
-                bad = [t for t in RESERVED_TAGS if t in user]
-                if bad:  # refused in either layout, as the reference does (RECIPE.md sec. 4)
-                    raise ValueError(f"the user message contains the reserved tags {bad}")
-                prompt_ids = format_dialog(tok, messages)
-            except ValueError as e:
-                messages.pop()
-                if not interactive:
-                    raise SystemExit(f"error: {e}")
-                print(f"refused: {e}")
-                continue
-            decode = lambda ids: tok.decode(ids).strip()  # noqa: E731
-            answer = run_one(args, model, tok, prompt_ids, decode, {tok.eos_id},
-                             before="" if args.json else "assistant> ")
-            messages.append({"role": "assistant", "content": answer})
-            if not interactive:
-                return
-
+        return instruct(args, model, tok)
     if args.prompt is None:
         raise SystemExit("error: give --prompt (or --infill / --instruct)")
-    prompt_ids = bos + tok.encode(args.prompt)
-    # Decode the continuation after a few prompt tokens, so that spaces at the seam come out right
-    # without re-decoding a long prompt at every step.
-    tail = prompt_ids[-8:]
-    n = len(tok.decode(tail))
-    decode = lambda ids: tok.decode(tail + ids)[n:]  # noqa: E731
-    run_one(args, model, tok, prompt_ids, decode, {tok.eos_id}, before=args.prompt)
+    prompt_ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) \
+        + tok.encode(args.prompt)
+    # the continuation is decoded after a few prompt tokens (Tokenizer.continuation), so that
+    # spaces at the seam come out right without re-decoding a long prompt at every step
+    run_one(args, model, tok, prompt_ids, tok.continuation(prompt_ids), {tok.eos_id},
+            before=args.prompt)
 
 
 if __name__ == "__main__":

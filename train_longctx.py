@@ -12,8 +12,8 @@ pass --steps 3000 or --steps 11000 for those.
 Sixteen thousand tokens of activations per sequence are what fills memory here, and FSDP does not
 shard activations: activation checkpointing is on by default (--no-activation-checkpointing turns it
 off), and attention runs through SDPA's fused causal kernels, which never build the T x T score
-matrix, so memory grows linearly with the sequence length (LESSONS.md item 4;
-bench/longctx_memory.py measures it). Documents that fit in one sequence start at a sequence start
+matrix, so memory grows linearly with the sequence length (bench/longctx_memory.py measures
+it). Documents that fit in one sequence start at a sequence start
 rather than being cut (--whole-docs, on by default): a long file is then seen whole, which is the
 context this stage exists to teach; each step logs how many sequences hold one document or several.
 
@@ -38,9 +38,9 @@ DEFAULTS = dict(
     lr=2e-5,  # sec. 2.6
     steps=10_000,  # sec. 2.6, "by default"; 3,000 for Code Llama 7B, 11,000 for 34B
     base=1e6,  # RoPE base, reset from 1e4 (sec. 2.4)
-    activation_checkpointing=True,  # 16k-token activations (LESSONS.md item 4)
+    activation_checkpointing=True,  # 16k-token activations: FSDP does not shard them
     whole_docs=True,  # long files seen whole (sec. 2.4: the point of the stage)
-    # The warm-up and schedule of this stage are not stated (RECIPE.md sec. 3): the engine's
+    # The warm-up and schedule of this stage are not stated (sec. 2.6): the engine's
     # defaults (sec. 2.6's cosine with 1,000 warm-up steps) apply; --warmup changes them.
 )
 
@@ -50,11 +50,12 @@ def batch_tokens(args) -> int:
     return 2**20 if train.model_args(args).num_params() > 20e9 else 2**21
 
 
-if __name__ == "__main__":
-    args = train.parser(**DEFAULTS).parse_args()
+def setup(args, tok, d):
+    """The stage hook: the batch size for the model's size when --batch-tokens is not given."""
     if args.batch_tokens is None:
-        try:
-            args.batch_tokens = batch_tokens(args)
-        except (FileNotFoundError, ValueError) as e:  # a wrong --init: the engine's one-line error
-            raise SystemExit(f"error: {e}") from None
-    train.run(args)
+        args.batch_tokens = batch_tokens(args)
+    return tok, None
+
+
+if __name__ == "__main__":
+    train.run(train.parser(**DEFAULTS).parse_args(), setup)

@@ -28,7 +28,7 @@ import train
 DEFAULTS = dict(
     seq_len=4096,  # as in the code stage (sec. 2.6)
     # 4M tokens per batch: sec. 2.6 states it for the code stages and not separately for this one
-    # (UNCONFIRMED for the Python stage, RECIPE.md sec. 1)
+    # (UNCONFIRMED for the Python stage)
     batch_tokens=4 * 2**20,
     steps=23_842,  # 100B tokens (sec. 2.1, Fig. 2) / 2^22 tokens per step
     mix=[0.75, 0.10, 0.10, 0.05],  # Table 1: Python, code, NL related to code, natural language

@@ -1,12 +1,13 @@
 """Data throughput on this machine: `prepare` (tokenizing, all cores) and the training loader of one
 process (mixing, packing, BOS/EOS, targets), with and without on-the-fly re-tokenization, then the
-infilling stage's loader (data.fim: decode, split, re-encode) built by 1, 2, 4, 8 worker processes
-(train.py --loader-workers, data.LoaderWorkers).
+infilling stage's loader (train_infill.fim: decode, split, re-encode) built by 1, 2, 4, 8 worker
+processes (train.py --loader-workers, data.LoaderWorkers).
 
 Target: a loader process must outrun the ~10k tokens/s one H100 consumes training a 7B model
-(2.9-6.7k tokens/s/GPU measured for 8B under FSDP2) by 20x: 200k tokens/s. A small model trains
-faster than one process renders infilling examples (0.35-0.4M tokens/s for a 25M model on one
-H200): N workers should give at least 0.7 x N times one process's rate, given N free cores.
+(torchtitan reports 2.9-6.7k tokens/s/GPU for Llama 3 8B under FSDP2) by 20x: 200k tokens/s. A
+small model trains faster than one process renders infilling examples (0.35-0.4M tokens/s for a
+25M model on one H200): N workers should give at least 0.7 x N times one process's rate, given N
+free cores.
 
     python bench/bench_data.py [--tokenizer ../shared/data/llama2/tokenizer.model] [--seconds 5] \
         [--workers 1 2 4 8]
@@ -23,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (Batches, Corpus, LoaderWorkers, Tokenizer, extend_tokenizer,  # noqa: E402
-                  fim, prepare)
+from data import Batches, Corpus, LoaderWorkers, prepare  # noqa: E402
+from tokenizer import Tokenizer, extend_tokenizer  # noqa: E402
+from train_infill import fim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
@@ -96,7 +98,8 @@ def main():
         # Shards keep their ids: the extended tokenizer encodes text as the original does.
         cl = Tokenizer.from_pretrained(extend_tokenizer(args.tokenizer, Path(tmp) / "cl.model"))
         one, one_cpu = loader_rate(corpora, cl, fim(cl, 4096), args.seconds)
-        print(f"FIM loader (data.fim, rate 0.9, 4,096-token rows), in the training process: "
+        print(f"FIM loader (train_infill.fim, rate 0.9, 4,096-token rows), in the training "
+              f"process: "
               f"{one:,.0f} tokens/s, {one_cpu:,.0f} per CPU-second (load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         for n in args.workers:

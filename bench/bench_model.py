@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -117,7 +117,8 @@ def smollm2_folder():
 def bench_decode(rounds, new_tokens, compile=False):
     import transformers
 
-    from data import Tokenizer, format_dialog
+    from prompts import format_dialog
+    from tokenizer import Tokenizer
     from sample import generate
 
     folder = smollm2_folder()

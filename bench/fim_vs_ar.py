@@ -1,4 +1,5 @@
-"""Is infilling nearly free? Code Llama's Table 5 (and [FIM]'s FIM-for-free result) in miniature.
+"""Is infilling nearly free? Code Llama's Table 5 (and Bavarian et al. 2022's FIM-for-free result)
+in miniature.
 
 The tiny preset is trained twice through train_infill.py on the same Python corpus, for the same
 steps, from the same initial weights and data order: once with --fim-rate 0.9 (the paper's) and
@@ -18,8 +19,9 @@ on files neither run trained on:
   apart from the rest (accuracy of the greedy choice, loss in nats): in PSM the first token is
   where the model must find where the prefix ended, across the suffix;
 - the same for multi-line tasks (a block of 2-4 body lines per function; generation stops after
-  as many lines) and random-span tasks (a random character span of the body, [FIM]'s; prefix-only
-  completion cannot know where a span ends and is not generated: "-"), --tasks-long of each;
+  as many lines) and random-span tasks (a random character span of the body, as Bavarian et al.
+  2022 mask; prefix-only completion cannot know where a span ends and is not generated: "-"),
+  --tasks-long of each;
 - the paired comparison, per kind: the FIM model's best infilling mode against the best the
   plain model does in any mode, on the same tasks (McNemar). The evaluation runs in --eval-procs
   processes, a share of the tasks each.
@@ -147,10 +149,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import Tokenizer, format_infill, prepare, summary  # noqa: E402
+from common import write_atomic  # noqa: E402
+from data import format_infill, prepare, summary  # noqa: E402
 from eval import infill_decoder, infill_exact  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate, load  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 STDLIB = Path(os.__file__).parent
 SKIP = {"site-packages", "test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo",
@@ -180,18 +184,16 @@ def split_files(roots, max_mb):
 
 def write_corpus(files, path, whole_files=False):
     """One JSONL record per definition-sized piece of each file (or per file)."""
-    n = 0
-    with open(path.with_suffix(".tmp"), "w") as out:
-        for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            pieces = [text] if whole_files else DEFINITION.split(text)
-            for k, piece in enumerate(pieces):
-                piece += "\n" if k + 1 < len(pieces) else ""  # the split ate a line end
-                if piece.strip():
-                    out.write(json.dumps({"text": piece, "lang": "python"}) + "\n")
-                    n += 1
-    os.replace(path.with_suffix(".tmp"), path)
-    return n
+    rows = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        pieces = [text] if whole_files else DEFINITION.split(text)
+        for k, piece in enumerate(pieces):
+            piece += "\n" if k + 1 < len(pieces) else ""  # the split ate a line end
+            if piece.strip():
+                rows.append(json.dumps({"text": piece, "lang": "python"}) + "\n")
+    write_atomic(path, "".join(rows))
+    return len(rows)
 
 
 def train_tokenizer(files, path, vocab_size, max_mb=32):
@@ -221,7 +223,7 @@ def infill_tasks(files, tok, max_tokens):
     around the middle being prefix and suffix, as HumanEval-infilling's three kinds (Code Llama
     Table 14): "single": each non-empty, non-comment line of its body (docstring left out) in
     turn; "multi": one block of 2 to 4 consecutive body lines per function; "span": one random
-    span of the body's characters per function ([FIM]'s random-span infilling). Each task's
+    span of the body's characters per function (Bavarian et al.'s random span). Each task's
     random choices are seeded by its place, so the same files give the same tasks anywhere."""
     tasks = {k: [] for k in KINDS}
     for f in files:

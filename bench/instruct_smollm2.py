@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from data import IGNORE, Dialogs, Tokenizer, _atomic_write, prepare, summary  # noqa: E402
+from common import write_atomic  # noqa: E402
+from data import IGNORE, Dialogs, Tokenizer, prepare, summary  # noqa: E402
 from model import Transformer  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -68,8 +69,8 @@ def split_records(files, out: Path, held_out_pct: int):
         raise SystemExit(f"error: {len(lines)} record(s) in {', '.join(map(str, files))}: need "
                          "one to train on and one to hold out (or --held-out-pct 0)")
     held, train = lines[:n_held], lines[n_held:]
-    _atomic_write(out / "train.jsonl", "".join(line + "\n" for line in train).encode())
-    _atomic_write(out / "held_out.jsonl", "".join(line + "\n" for line in held).encode())
+    write_atomic(out / "train.jsonl", "".join(line + "\n" for line in train))
+    write_atomic(out / "held_out.jsonl", "".join(line + "\n" for line in held))
     return out / "train.jsonl", (out / "held_out.jsonl" if held else None), len(train), len(held)
 
 

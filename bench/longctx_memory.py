@@ -4,7 +4,7 @@ Each length runs in a fresh process: train_longctx.py itself for one optimizer s
 preset (forward, backward, AdamW; bf16 autocast and activation checkpointing, as that stage runs by
 default), one sequence per step. The figure is the engine's `peak_mem_gb` of that step: the
 process's peak RSS on CPU (peak allocated memory on a GPU). Attention goes through SDPA's fused
-kernels, which never build the T x T score matrix (LESSONS.md item 4); were it built, the fp32
+kernels, which never build the T x T score matrix; were it built, the fp32
 scores alone of the tiny preset's 8 heads would take 8 GiB at 16k tokens, 0.5 GiB at 4k.
 
     python bench/longctx_memory.py [--lengths 2048 4096 8192 16384] [--no-activation-checkpointing]

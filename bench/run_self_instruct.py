@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+import common  # noqa: E402
 import self_instruct  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main():
     # which leaves no hidden test once duplicates are dropped.
     p.add_argument("--test-temperature", type=float, default=0.7)
     p.add_argument("--show", type=int, default=3, help="accepted records to print")
-    # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (LESSONS.md); the numbers
+    # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (AMX); the numbers
     # differ a little from the fp32 checkpoint's, which matters only to parity checks
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     args = p.parse_args()
@@ -54,7 +55,7 @@ def main():
         "--question-tokens", str(args.question_tokens), "--test-tokens", str(args.test_tokens),
         "--solution-tokens", str(args.solution_tokens),
         "--test-temperature", str(args.test_temperature)])
-    records = self_instruct.read_jsonl(Path(args.out, "records.jsonl"))
+    records = common.read_jsonl(Path(args.out, "records.jsonl"))
     print(f"\n{len(records)} records; the first {min(args.show, len(records))}:")
     for r in records[:args.show]:
         print(json.dumps({k: r[k] for k in ("qid", "messages", "tests")}, indent=1))

@@ -31,14 +31,10 @@ from pathlib import Path
 import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import save_figure, write_atomic  # noqa: E402
 STDLIB = Path(os.__file__).parent
 MODELS = ("short", "lcft-1e4", "lcft-1e6")
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def split_stdlib(out: Path, heldout_percent: int) -> tuple[Path, Path]:
@@ -209,9 +205,7 @@ def main():
     rel.set_ylabel("perplexity / lcft-1e4's on the same windows")
     ax.legend(fontsize=8)
     fig.suptitle("Table 18 in miniature: RoPE base at long-context fine-tuning (held-out stdlib)")
-    tmp = out / ".table18.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, out / "table18.png")
+    save_figure(fig, out / "table18.png")
     print(f"wrote {out}/table18.md, table18.json, table18.png ({time.time() - t0:.0f} s)")
 
 

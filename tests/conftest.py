@@ -1,11 +1,16 @@
-"""Shared pytest fixtures: the real tokenizers and the real small model the tests run on."""
+"""Shared pytest fixtures: the real tokenizers and the real small model the tests run on, and the
+paths the tests share (ROOT, the repository; STDLIB, the interpreter's standard library: real code
+to train and tokenize on)."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(os.__file__).parent
 sys.path.insert(0, str(REPO))  # the flat top-level modules: data, model, train, ...
+sys.path.insert(0, str(REPO / "scripts"))  # gguf_to_hf, the SmolLM2 converter
 # CI puts shared/ beside the clone (COMMON rules); the Llama 2 tokenizer is not redistributed here.
 LLAMA2_TOKENIZER = REPO.parent / "shared/data/llama2/tokenizer.model"
 
@@ -16,11 +21,9 @@ def tokenizer(tmp_path_factory):
     trained on the standard library's email package in a fraction of a second: the tiny preset then
     has 3.5M parameters rather than 19M with Llama 2's 32,000 pieces, which keeps end-to-end
     training runs fast."""
-    import os
-
     import sentencepiece as spm
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    email = Path(os.__file__).parent / "email"
+    email = STDLIB / "email"
     lines = [line for f in sorted(email.rglob("*.py")) for line in f.read_text().splitlines()]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=1024,
@@ -41,7 +44,7 @@ def llama2_tokenizer():
 @pytest.fixture(scope="session")
 def codellama_tokenizer(llama2_tokenizer, tmp_path_factory):
     """Path to Llama 2's tokenizer extended with Code Llama's infilling pieces (32,016 pieces)."""
-    from data import extend_tokenizer
+    from tokenizer import extend_tokenizer
     return extend_tokenizer(llama2_tokenizer, tmp_path_factory.mktemp("codellama") /
                             "tokenizer.model")
 

@@ -5,16 +5,15 @@ BOS/EOS."""
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import STDLIB
 from data import IGNORE, Batches, Corpus, Tokenizer, prepare
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama2/tokenizer.model"
-STDLIB = Path(os.__file__).parent
 
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"needs {TOKENIZER}")
 

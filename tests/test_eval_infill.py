@@ -119,7 +119,7 @@ def test_model_prompts_are_code_llamas_layouts(tiny_infill_ckpt, problems):
     for spm in (False, True):
         prompt, ids, middle = ev.infill_middle(model, tok, task, spm, max_new_tokens=5)
         assert prompt == format_infill(tok, pre, suf, suffix_first=spm)
-        # RECIPE.md sec. 2, "Inference layouts": BOS first, no space added before the suffix
+        # Code Llama's reference inference layout: BOS first, no space added before the suffix
         if spm:
             assert prompt == ([tok.bos_id, tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suf)
                               + [tok.middle_id] + tok.encode(pre))

@@ -9,19 +9,18 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, STDLIB
 import sample
-from data import (IGNORE, Batches, Corpus, Document, LoaderWorkers, Tokenizer, bos_eos, fim,
-                  fim_example, format_infill, prepare)
+from data import IGNORE, Batches, Corpus, Document, LoaderWorkers, bos_eos, prepare
 from model import ModelArgs, Transformer
-
-ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(os.__file__).parent
+from prompts import format_infill
+from tokenizer import Tokenizer
+from train_infill import fim, fim_example
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data import (IGNORE, Batches, Dialogs, Tokenizer, chat_tokens, chatml_tokens, dialog_tokens,
-                  is_dialogs, prepare)
-from test_longctx import STDLIB
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, STDLIB
+from data import IGNORE, Batches, Dialogs, Tokenizer, is_dialogs, prepare
+from prompts import chat_tokens, chatml_tokens, dialog_tokens
 
 
 def dialog(i, system=False, pairs=1):

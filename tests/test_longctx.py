@@ -4,24 +4,20 @@ else; both recipes carry the paper's values; and the --whole-docs packing only m
 sequence starts (it never drops, repeats or reorders a token) and counts what it packed."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import ROOT, STDLIB
 import train
 import train_longctx
 import train_python
 from data import IGNORE, Batches, Corpus, Tokenizer, prepare
 from model import ModelArgs, Transformer, rope_tables
-
-ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(os.__file__).parent
 
 
 def run(*cmd):

@@ -8,11 +8,10 @@ import re
 import runpy
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def commands(text: str) -> list[str]:

@@ -9,6 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import backends
+import common
+import prompts
 import self_instruct as si
 
 # ---------------------------------------------------------------------------------------------
@@ -179,20 +182,22 @@ def test_decontamination_and_normalize():
 
 
 def test_chatml_text_is_what_format_dialog_tokenizes(smollm2_dir):
-    from data import Tokenizer, format_dialog
+    from prompts import format_dialog
+    from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(smollm2_dir)
     messages = si.solutions_messages("Reverse a string.", "assert rev('ab') == 'ba'")
-    assert tok.decode(format_dialog(tok, messages)) == si.chat_text(messages, "chatml")
+    assert tok.decode(format_dialog(tok, messages)) == prompts.chat_text(messages, "chatml")
     start = si.TESTS_ANSWER_START  # the local backend appends its ids to the prompt's
     assert (tok.decode(format_dialog(tok, messages) + tok.encode(start))
-            == si.chat_text(messages, "chatml", start))
+            == prompts.chat_text(messages, "chatml", start))
 
 
 def test_llama2_text_is_what_format_chat_tokenizes(llama2_tokenizer):
-    from data import Tokenizer, format_chat
+    from prompts import format_chat
+    from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(llama2_tokenizer)
     messages = [{"role": "system", "content": "Be brief."}] + si.tests_messages("Add two ints.", 5)
-    text = si.chat_text(messages, "llama2")
+    text = prompts.chat_text(messages, "llama2")
     # the server adds the first BOS; "</s><s>" in the text are the turn separators
     ids = []
     pieces = text.split("</s><s>")
@@ -208,21 +213,21 @@ def test_llama2_text_is_what_format_chat_tokenizes(llama2_tokenizer):
 def test_jsonl_torn_line_repaired_and_bad_line_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "tor')  # a crash mid-write
-    assert si.read_jsonl(path) == [{"a": 1}, {"a": 2}]
-    w = si.JsonlWriter(str(path))
+    assert common.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    w = common.JsonlWriter(str(path))
     with pytest.raises(SystemExit, match="another process"):  # one writer per file
-        si.JsonlWriter(str(path))
+        common.JsonlWriter(str(path))
     w.write({"a": 4})
     w.close()
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 4}\n'
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON line"):
-        si.read_jsonl(path)
+        common.read_jsonl(path)
 
 
 def test_item_seeds_and_shards():
-    assert si.item_seed(0, "tests", "abc") == si.item_seed(0, "tests", "abc")
-    assert len({si.item_seed(s, st, k) for s in (0, 1) for st in ("tests", "solutions")
+    assert common.item_seed(0, "tests", "abc") == common.item_seed(0, "tests", "abc")
+    assert len({common.item_seed(s, st, k) for s in (0, 1) for st in ("tests", "solutions")
                 for k in ("a", "b")}) == 8
     assert si.parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "1", "-1/2"):
@@ -238,7 +243,7 @@ def test_item_seeds_and_shards():
 
 
 def backend(url, **kw):
-    return si.OpenAIBackend(url, "scripted", "llama2", **{"retries": 3, "timeout": 5.0,
+    return backends.OpenAIBackend(url, "scripted", "llama2", **{"retries": 3, "timeout": 5.0,
                                                            "backoff": 0.01, **kw})
 
 
@@ -246,7 +251,8 @@ def test_openai_request_and_retries(server):
     ok = choices(["[PYTHON]\ndef f(): pass\n", "b"])
     s = server(sequence(500, 503, 429, ok))
     out = backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
-    assert out == [si.Completion("[PYTHON]\ndef f(): pass\n", "stop"), si.Completion("b", "stop")]
+    assert out == [backends.Completion("[PYTHON]\ndef f(): pass\n", "stop"),
+                   backends.Completion("b", "stop")]
     assert len(s.requests) == 4
     path, body = s.requests[-1]
     assert path == "/v1/completions"
@@ -259,7 +265,7 @@ def test_openai_timeout_garbage_and_cut(server):
                         {"choices": []}, choices(["x[/PYTHON]y", "z"], "length")))
     out = backend(s.url, timeout=0.5).chat([{"role": "user", "content": "hi"}], **SAMPLING)
     # a server that ignores `stop` is cut here; "length" stays "length" unless a stop was found
-    assert out == [si.Completion("x", "stop"), si.Completion("z", "length")]
+    assert out == [backends.Completion("x", "stop"), backends.Completion("z", "length")]
     assert len(s.requests) == 4
 
 
@@ -315,7 +321,7 @@ SOLUTIONS = {
 
 
 # the question requests differ only by their seeds: request r gets QUESTION_LISTS[r]
-REQUEST_OF_SEED = {si.item_seed(0, "questions", r) % 2**31: r for r in range(2)}
+REQUEST_OF_SEED = {common.item_seed(0, "questions", r) % 2**31: r for r in range(2)}
 
 
 class ScriptedModel:
@@ -354,7 +360,7 @@ def run(out, url, *extra):
 
 def records(out):
     return [{k: v for k, v in r.items() if k != "provenance"}
-            for r in si.read_jsonl(out / "records.jsonl")]
+            for r in common.read_jsonl(out / "records.jsonl")]
 
 
 def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
@@ -386,7 +392,7 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
          "xs if x % 2 == 0)\n[/PYTHON]"}]
     assert rec["tests"] == ["assert sum_even([1, 2, 3, 4]) == 6", "assert sum_even([]) == 0",
                             "assert sum_even([2,\n    2]) == 4"]
-    prov = si.read_jsonl(a / "records.jsonl")[0]["provenance"]
+    prov = common.read_jsonl(a / "records.jsonl")[0]["provenance"]
     assert prov["solution_index"] == 1 and prov["solutions"]["prompt_version"] == "solutions-v2"
     assert prov["tests"]["model"] == "scripted" and prov["execution"]["timeout_s"] == 5
     assert "| questions with a passing solution (records) | 1 |" in (a / "summary.md").read_text()
@@ -405,13 +411,13 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
     run(b, s2.url, "--stage", "tests")
     with pytest.raises(RuntimeError, match="HTTP 400"):
         run(b, s2.url, "--stage", "solutions")  # two requests in flight: one fails
-    assert len(si.read_jsonl(b / "solutions.jsonl")) == 1  # the finished item survived
+    assert len(common.read_jsonl(b / "solutions.jsonl")) == 1  # the finished item survived
     with open(b / "solutions.jsonl", "a") as f:
         f.write('{"qid": "torn')
     s3 = server(ScriptedModel())
     run(b, s3.url)
     assert sum(1 for r in s3.requests if "[PYTHON]" in r[1]["prompt"]) == 1  # only the missing one
-    rows = si.read_jsonl(b / "solutions.jsonl")
+    rows = common.read_jsonl(b / "solutions.jsonl")
     assert len(rows) == len({r["qid"] for r in rows}) == 2
     assert records(b) == records(a)
 
@@ -437,7 +443,7 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     import torch
-    return si.LocalBackend(smollm2_dir, torch.float32)
+    return backends.LocalBackend(smollm2_dir, torch.float32)
 
 
 def test_local_backend_batches_seeds_and_stops(smollm2):
@@ -454,6 +460,6 @@ def test_local_backend_batches_seeds_and_stops(smollm2):
     stop = full.text[3:5]
     cut = smollm2.complete(prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
                            stop=[stop], seed=0)[0]
-    assert cut == si.Completion(full.text[:full.text.find(stop)], "stop")
+    assert cut == backends.Completion(full.text[:full.text.find(stop)], "stop")
     # the checkpoint's own end token ends a chat answer: <|im_end|> for SmolLM2-Instruct
     assert smollm2.tok.decode([smollm2.tok.eos_id]) == "<|im_end|>"

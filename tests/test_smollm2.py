@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from data import Tokenizer, format_dialog
+from conftest import ROOT
 from model import Transformer
+from prompts import format_dialog
+from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
-"""The house rules that a reader notices: lines at most 100 characters (STYLE.md)."""
+"""The house rules that a reader notices: lines at most 100 characters."""
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def test_lines_at_most_100_characters():

@@ -1,6 +1,7 @@
 """Tokenizer and prompt layouts against their references: the sentencepiece library for Llama 2,
 the HF `tokenizers` library for byte-level BPE (on real Python files), Code Llama's layouts built
-by hand from RECIPE.md, SmolLM2's own chat template, and transformers for the converted model."""
+by hand from Code Llama's reference code, SmolLM2's own chat template, and transformers for the
+converted model."""
 import base64
 import copy
 import json
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from data import (LLAMA3_PATTERN, LLAMA3_SPECIALS, SMOLLM2_SYSTEM, Tokenizer,
-                  bytes_to_unicode, chat_tokens, extend_tokenizer, format_chat, format_chatml,
-                  format_dialog, format_infill)
+from prompts import (SMOLLM2_SYSTEM, chat_tokens, format_chat, format_chatml, format_dialog,
+                     format_infill)
+from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, Tokenizer, bytes_to_unicode, extend_tokenizer
 
 EDGE_CASES = [
     "", " ", "  leading", "trailing   ", "\t\tx = 1\r\n", "a\r\n\r\nb\n\n\n", "tabs\tand\t\tmore",
@@ -87,7 +88,7 @@ def test_encode_infilling(cl, sp):
     assert cl.id_to_piece(cl.encode("return x")[0]) == "▁return"
     for text in ["return x", "  indented\n", "\nnew line", " one space", "x", ""]:
         ids = cl.encode_infilling(text)
-        assert ids == sp.encode("☺" + text)[2:]  # Code Llama's trick (RECIPE.md sec. 2)
+        assert ids == sp.encode("☺" + text)[2:]  # Code Llama's trick (its reference tokenizer)
         assert cl.decode_infilling(ids) == text
 
 
@@ -374,7 +375,7 @@ FORGERIES = ["<PRE>", " <PRE>", "▁<PRE>", "x ▁<SUF> y ▁<MID> z ▁<EOT>", 
 def check_extended(ext, old, first_id, texts):
     """The four tokens at first_id.., text encoded exactly as before (names stay text), the
     layouts of format_infill, and infilling examples that decode to their parts."""
-    from data import fim_example
+    from train_infill import fim_example
     n = first_id
     assert ext.vocab_size == old.vocab_size + 4
     assert [ext.prefix_id, ext.suffix_id, ext.middle_id, ext.eot_id] == [n, n + 1, n + 2, n + 3]

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT, STDLIB
 import train
 from data import prepare
 
-ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(os.__file__).parent
 EMAIL = STDLIB / "email"  # 30-odd real Python files, 0.4 MB
 STEPS = 10
 # One OpenMP thread per training process (torchrun does the same): on a busy 2-core machine two
@@ -95,7 +94,7 @@ def test_init_from_a_previous_stage_grows_the_vocabulary_and_sets_the_rope_base(
                                                                                   tmp_path):
     """--init OUT of a finished run loads its hf/ export; a stage that adds tokens (infilling, sec.
     2.3) gets new embedding rows at the mean row; --base replaces the RoPE theta (sec. 2.4)."""
-    from data import Tokenizer, extend_tokenizer
+    from tokenizer import Tokenizer, extend_tokenizer
     from model import Transformer
 
     hf = reference_out / "hf"

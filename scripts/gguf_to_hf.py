@@ -2,8 +2,8 @@
 HF-layout checkpoint folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json). The test suite uses it as its one real pretrained Llama-family model.
 
-    python tests/gguf_to_hf.py --out /tmp/smollm2            # the GGUF inside site-packages
-    python tests/gguf_to_hf.py --gguf model.gguf --out DIR
+    python scripts/gguf_to_hf.py --out /tmp/smollm2          # the GGUF inside site-packages
+    python scripts/gguf_to_hf.py --gguf model.gguf --out DIR
 
 Weights are dequantized to float32 exactly (Q8_0 embeddings, Q4_1 matrices): the model is the
 quantized one.
@@ -44,7 +44,7 @@ def field(reader, key, default=None):
 
 
 def unpermute_rope(w, n_heads):
-    """Undo llama.cpp's q/k row permutation (RECIPE.md sec. 7, "RoPE layout").
+    """Undo llama.cpp's q/k row permutation (the inverse of transformers' Llama conversion).
 
     llama.cpp's converter reorders each head's rows from HF's rotate-half layout (dim i paired
     with i + d/2) to Meta's interleaved layout (dims 2i, 2i+1) because ggml's RoPE is

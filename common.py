@@ -1,0 +1,155 @@
+"""What the scripts share around the model: atomic file writes (figures too), append-only JSONL,
+per-item seeds and a runner that works through items and appends one row per finished item.
+
+A file is written whole or not at all (a temporary file beside it, then a rename), so a crash never
+leaves a half-written result for a rerun to trust. A long job (self-instruct's stages, HumanEval's
+samples) appends one JSON row per finished item, flushed and fsynced, and a rerun skips the items
+already in its file: a crash loses at most the items in flight.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+
+def write_atomic(path, data):
+    """Write `data` (str, bytes, or a function that writes a given path) to `path` atomically: into
+    a temporary file of the same folder, then renamed over `path`. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                f.close()
+                data(Path(tmp))
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure atomically, in the format of `path`'s extension."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+
+
+def pyplot():
+    """matplotlib's pyplot (without a display), or None with a message: plots are optional."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file. A last line without its newline is a write cut short by a crash and
+    is ignored (JsonlWriter removes it); any other bad line is an error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines[:-1], 1):  # the last piece is "" or a torn line
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+    return rows
+
+
+class JsonlWriter:
+    """Appends one row per call, flushed and fsynced, so a finished item survives a crash. Opening
+    it cuts off a torn last line and locks the file against a second writer."""
+
+    def __init__(self, path):
+        self.path = path
+        self.f = open(path, "a+b")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another process is writing {path}") from None
+        size = keep = self.f.seek(0, os.SEEK_END)
+        while keep > 0:  # back to the byte after the last newline, 64 KiB at a time
+            start = max(0, keep - 65536)
+            self.f.seek(start)
+            block = self.f.read(keep - start)
+            if b"\n" in block:
+                keep = start + block.rindex(b"\n") + 1
+                break
+            keep = start
+        if keep < size:
+            print(f"{path}: removing a torn last line ({size - keep} bytes)", file=sys.stderr)
+            self.f.truncate(keep)
+        self.f.seek(0, os.SEEK_END)
+
+    def write(self, row):
+        self.f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def item_seed(seed, stage, key):
+    """A seed for one item from (run seed, stage, item key): the same wherever the item runs."""
+    return int(hashlib.sha256(f"{seed}/{stage}/{key}".encode()).hexdigest()[:15], 16)
+
+
+def run_items(name, items, work, writer, concurrency):
+    """work(item) -> row for every item, rows appended as they finish, a progress line every 10 s.
+    Ctrl-C or an error cancels what has not started; finished rows are already on disk."""
+    t0 = last = time.monotonic()
+    done = 0
+
+    def tick():
+        nonlocal done, last
+        done += 1
+        now = time.monotonic()
+        if now - last >= 10 or done == len(items):
+            last = now
+            print(f"{name}: {done}/{len(items)} [{now - t0:.0f} s]", file=sys.stderr, flush=True)
+
+    if concurrency <= 1:
+        for item in items:
+            writer.write(work(item))
+            tick()
+        return
+    pool = ThreadPoolExecutor(concurrency)
+    futures = [pool.submit(work, item) for item in items]
+    written, error = set(), None
+    try:
+        for f in as_completed(futures):
+            if f.cancelled():
+                continue
+            if f.exception() is not None:  # stop starting items; those running still count
+                error = error or f.exception()
+                for g in futures:
+                    g.cancel()
+                continue
+            writer.write(f.result())
+            written.add(f)
+            tick()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in futures:  # finished while we stopped (Ctrl-C): keep those too
+            if f not in written and f.done() and not f.cancelled() and f.exception() is None:
+                writer.write(f.result())
+    if error is not None:
+        raise error
