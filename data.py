@@ -463,9 +463,11 @@ class Corpus:
 # of the current one starts the next sequence instead of being cut, and the rest of the current one
 # is padding: EOS ids after the last real token, which no real token attends to (attention is
 # causal) and which are never targets. Long files are then seen whole, the repository-level context
-# long-context fine-tuning is for (sec. 2.4). The state stays (documents finished, offset): padding
-# depends only on the stream. `Batches.packing` counts, for the last batch, the sequences made of
-# one document and of several, and the padding tokens: the engine logs them every step.
+# long-context fine-tuning is for (sec. 2.4). A transform may also ask this for one rendering (the
+# infilling examples of train_infill.py, sec. 2.3), the other documents being packed back to back.
+# The state stays (documents finished, offset): padding depends only on the stream.
+# `Batches.packing` counts, for the last batch, the sequences made of one document and of several,
+# and the padding tokens: the engine logs them every step.
 
 IGNORE = -100  # the target of a position whose loss is masked (F.cross_entropy's ignore_index)
 _MIX, _PERM, _DOC, _EVAL, _HOLDOUT = range(5)  # seed-sequence tags keep the random streams apart
@@ -484,7 +486,9 @@ class Batches:
     """The training stream over a mixture of prepared sources.
 
     `transform(doc, rng) -> (ids, mask)` renders one document (default: `bos_eos(tok)`); mask (bool
-    per id, or None for all True) marks the ids that are targets. `rng` is seeded by the document's
+    per id, or None for all True) marks the ids that are targets; a third value, when there is one
+    and it is True, asks for this rendering to lie whole in one sequence, as `whole_docs` asks for
+    every document (when it fits in one). `rng` is seeded by the document's
     position in the stream, so a transform's choices (such as infilling split points) are the same
     after a resume. `row_range` is this rank's share of the rows. Each source keeps up to
     `eval_docs` documents (at most a tenth) out of training, for the held-out loss. `whole_docs`:
@@ -552,16 +556,18 @@ class Batches:
         return d, np.random.default_rng([self.seed, _DOC, s, i])
 
     def _render(self, s, d, rng):
+        """(ids, mask, whether it must lie whole in one sequence) of document d of source s."""
         c = self.corpora[s]
         if isinstance(c, Dialogs):  # encoded with its loss mask (answers only); the transform
-            ids, mask = c.tokens(d), c.mask(d)  # is for plain documents (rehearsal, sec. 2.5)
+            ids, mask, whole = c.tokens(d), c.mask(d), False  # is for plain documents (sec. 2.5)
         else:
-            ids, mask = self.transform(Document(c.tokens(d), c.lang(d), self.decode), rng)
+            ids, mask, whole = (*self.transform(Document(c.tokens(d), c.lang(d), self.decode),
+                                                rng), False)[:3]
         ids = np.asarray(ids, np.int64)
         mask = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
         if len(mask) != len(ids):
             raise ValueError(f"transform returned {len(ids)} ids but a mask of {len(mask)}")
-        return ids, mask
+        return ids, mask, bool(whole)
 
     def _stream_doc(self, g, s, k):
         key = (g, s)
@@ -573,13 +579,13 @@ class Batches:
     def _read(self, g, s, k, off, n, whole=False):
         """n ids and mask bits from stream (g, s) starting at document k, offset off; where the
         stream stands after them; how many documents they come from, and how many are padding.
-        `whole`: a document that would be cut at the end but fits in a sequence is left for the
-        next one, and padding fills the rest."""
+        `whole` (or a rendering that asks for it): a document that would be cut at the end but
+        fits in a sequence is left for the next one, and padding fills the rest."""
         ids, mask = [], []
         empty = docs = 0
         while n > 0:
-            doc_ids, doc_mask = self._stream_doc(g, s, k)
-            if whole and docs and off == 0 and n < len(doc_ids) <= self.seq_len:
+            doc_ids, doc_mask, doc_whole = self._stream_doc(g, s, k)
+            if (whole or doc_whole) and docs and off == 0 and n < len(doc_ids) <= self.seq_len:
                 ids.append(np.full(n, self.pad_id, np.int64))
                 mask.append(np.zeros(n, bool))
                 return np.concatenate(ids), np.concatenate(mask), k, off, docs, n
@@ -631,7 +637,7 @@ class Batches:
         for s, c in enumerate(self.corpora):
             ids, mask = [], []
             for d in self.eval_ids[s]:
-                doc_ids, doc_mask = self._render(s, int(d), np.random.default_rng(
+                doc_ids, doc_mask, _ = self._render(s, int(d), np.random.default_rng(
                     [self.seed, _EVAL, s, int(d)]))
                 ids.append(doc_ids)
                 mask.append(doc_mask)
@@ -651,6 +657,102 @@ class Batches:
                                    IGNORE) for i in range(n)])
             sets.append((s, x, y))
         return sets
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader workers (train.py --loader-workers)
+#
+# The infilling transform decodes, splits and re-encodes every document it touches, about 0.75M
+# tokens/s in one process: less than a GPU trains a small model on. Rows are independent streams
+# (see "Mixtures and packing"), so N worker processes each build a contiguous block of this rank's
+# rows, batch after batch, one batch ahead of the training loop; the loop joins the blocks. The
+# batches are those the single process would build, bit for bit, and each block comes with its
+# rows' stream position after it, so the main process's Batches always holds the position of the
+# last batch it handed out: checkpoints and resumes work as without workers.
+#
+# Workers are forked (no pickling of the corpus or of a stage's transform closure) and never touch
+# torch. Each talks to the loop over its own pipe, whose write end only the worker holds: a worker
+# that dies (killed, out of memory) closes it, and the loop's read ends with EOF at once and stops
+# the run with the worker's exit code, instead of waiting forever; a worker's exception travels
+# over the pipe as its traceback. Likewise only the loop holds each pipe's read end (a worker
+# closes those it was forked with), so a worker whose loop is gone gets a broken pipe and exits.
+
+
+def _loader_worker(batches, rows, conn, inherited):
+    """Worker: build this block of rows, batch after batch, and send each with its positions."""
+    for c in inherited:  # read ends forked with it: the loop must hold the only one of each pipe
+        c.close()
+    try:
+        batches.row_range = rows
+        batches.pos = {g: batches.pos[g] for g in rows}
+        while True:
+            x, y = batches.next()
+            conn.send((x, y, batches.packing, batches.state_dict()))
+    except (BrokenPipeError, EOFError):  # the training loop is gone
+        pass
+    except BaseException:
+        import traceback
+        with contextlib.suppress(OSError):
+            conn.send(traceback.format_exc())
+    finally:
+        conn.close()
+
+
+class LoaderWorkers:
+    """`batches.next()` run ahead by `n` worker processes (see above). next() returns what
+    batches.next() would, and advances `batches` (step, positions, packing) as it would."""
+
+    def __init__(self, batches: Batches, n: int):
+        rows = list(batches.row_range)
+        n = max(1, min(n, len(rows)))  # a worker builds at least one row
+        self.batches, self.blocks = batches, [list(b) for b in np.array_split(rows, n)]
+        ctx = multiprocessing.get_context("fork")
+        self.conns, self.procs = [], []
+        for w, block in enumerate(self.blocks):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_loader_worker, args=(batches, block, send,
+                                                            [*self.conns, recv]),
+                               daemon=True, name=f"loader-{w}")
+            proc.start()
+            send.close()  # the worker holds the only write end: its death is EOF here
+            self.conns.append(recv)
+            self.procs.append(proc)
+
+    def _receive(self, w):
+        try:
+            item = self.conns[w].recv()
+        except (EOFError, OSError):
+            proc = self.procs[w]
+            proc.join(5)
+            code = proc.exitcode
+            why = (f"killed by signal {-code}" if code is not None and code < 0
+                   else f"exit code {code}")
+            self.close()
+            raise RuntimeError(f"data loader worker {w} (pid {proc.pid}) died ({why}) while "
+                               f"building batch {self.batches.step + 1}: run stopped") from None
+        if isinstance(item, str):
+            self.close()
+            raise RuntimeError(f"data loader worker {w} failed on batch "
+                               f"{self.batches.step + 1}:\n{item}")
+        return item
+
+    def next(self):
+        parts = [self._receive(w) for w in range(len(self.blocks))]
+        b = self.batches
+        for *_, state in parts:
+            b.pos.update({int(g): p for g, p in state["pos"].items()})
+        b.step, b.drawn = parts[0][3]["step"], list(parts[0][3]["drawn"])
+        b.packing = tuple(int(sum(p[2][i] for p in parts)) for i in range(3))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()  # a worker blocked on sending sees a broken pipe and exits
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ The files, all behind one interface:
   ids equal to those of the HF `tokenizers` library.
 Text is always encoded as plain text: a special token's name inside a code file ("<|im_start|>",
 "<PRE>", "</s>") is never turned into the special id, so data cannot forge control tokens.
-`extend_tokenizer` adds Code Llama's four infilling tokens to Llama 2's SentencePiece model.
+`extend_tokenizer` adds Code Llama's four infilling tokens to any of the three.
 """
 import base64
 import json
@@ -217,6 +217,15 @@ class Tokenizer:
         self.kind = "tiktoken"
         n = len(ranks)
         specials = {s: n + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        # Tokens added after Llama 3's specials (extend_tokenizer's infilling tokens): a rank file
+        # has no place for them, tokenizer_config.json's added_tokens_decoder names them.
+        added = self.config.get("added_tokens_decoder", {})
+        for i in sorted(map(int, added)):
+            if i >= n + len(LLAMA3_SPECIALS):
+                if i != n + len(specials):
+                    raise ValueError(f"{self.config_path}: added token id {i} leaves a gap after "
+                                     f"id {n + len(specials) - 1}")
+                specials[_token_name(added[str(i)])] = i
         pieces = {**ranks, **{s.encode(): i for s, i in specials.items()}}
         # tiktoken panics on a byte it cannot rank: rank missing bytes past the vocabulary, and
         # drop them from the output (as HF drops bytes its byte-level vocabulary lacks).
@@ -339,17 +348,17 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             ids = self.sp.encode(text)
         else:
-            ids = self._encode_bpe(text)
+            ids = self._encode_bpe(text, self._stages)
         for flag, key in ((bos, "bos"), (eos, "eos")):
             if flag and getattr(self, f"{key}_id") is None:
                 raise ValueError(f"{self.path}: no {key.upper()} token is defined")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def _encode_bpe(self, text):
+    def _encode_bpe(self, text, stages):
         if self._normal_form:
             text = unicodedata.normalize(self._normal_form, text)
         pieces = [text] if text else []
-        for stage in self._stages:  # HF applies each pre-tokenizer to every piece of the last
+        for stage in stages:  # HF applies each pre-tokenizer to every piece of the last
             out = []
             for p in pieces:
                 if isinstance(p, int):  # an added token's id, already final
@@ -389,14 +398,19 @@ class Tokenizer:
         return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     def encode_infilling(self, text):
-        """Ids of a suffix or middle without SentencePiece's implicit leading space (Code Llama
-        sec. 2.3 and its reference code). Byte-level BPE adds no space, so this is plain encode."""
+        """Ids of a suffix or middle without the tokenizer's implicit leading space (Code Llama
+        sec. 2.3 and its reference code: the suffix and middle are pieces of a line, not the
+        start of a text). SentencePiece prepends "▁" to every text: Code Llama encodes a dummy
+        "☺" in front and drops its ids. A byte-level BPE encodes exactly the bytes it is given,
+        so nothing replaces that trick: its one implicit space is the ByteLevel pre-tokenizer's
+        add_prefix_space (false for SmolLM2, GPT-2 and Llama 3), and that step is skipped here."""
         if self.kind == "sentencepiece":
             return self.sp.encode("☺" + text)[len(self._dummy):]
-        return self.encode(text)
+        return self._encode_bpe(text, [st for st in self._stages if st[0] != "prefix_space"])
 
     def decode_infilling(self, ids):
-        """The decode that matches encode_infilling: no leading space is stripped."""
+        """The decode that matches encode_infilling: no leading space is stripped (a byte-level
+        decode never strips one)."""
         if self.kind == "sentencepiece":
             return self.sp.decode(self._dummy + [int(i) for i in ids])[1:]
         return self.decode(ids)
@@ -452,24 +466,61 @@ def _proto_varint(n):
 
 
 def extend_tokenizer(src, out_path):
-    """Write a SentencePiece model = `src` (Llama 2's) plus Code Llama's four infilling pieces.
+    """Write `src` plus Code Llama's four infilling tokens (sec. 2.3) to `out_path`, a file of the
+    same format, with `src`'s tokenizer_config.json beside it. Returns out_path.
 
-    Code Llama added four special tokens (sec. 2.3) and padded the vocabulary to a multiple of
-    16: 32,000 -> 32,016, with ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> at 32007-32010 (the released
-    tokenizer_config.json).
-    The same ids here keep our checkpoints id-compatible with Code Llama's. The new pieces are
-    CONTROL pieces, which SentencePiece never produces from text (so "<PRE>" inside code stays
-    text) and which decode to ""; the filler slots are CONTROL placeholders. Returns out_path.
+    SentencePiece (Llama 2): Code Llama padded the vocabulary to a multiple of 16, 32,000 ->
+    32,016, with ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> at 32007-32010 (the released
+    tokenizer_config.json). The same ids here keep our checkpoints id-compatible with Code
+    Llama's. The new pieces are CONTROL pieces, which SentencePiece never produces from text (so
+    "<PRE>" inside code stays text) and which decode to ""; the filler slots are CONTROL
+    placeholders.
+
+    tokenizer.json (byte-level BPE, SmolLM2) and tiktoken (Llama 3): the four tokens, named as
+    Code Llama's, are special added tokens right after the existing ids (Code Llama's ids mean
+    nothing to another vocabulary). `encode` never makes a special token from text, so data
+    cannot forge them either; they decode to their names. tokenizer.json lists them in
+    added_tokens, and tokenizer_config.json's added_tokens_decoder too when it has one, as
+    transformers writes them; a tiktoken rank file has no room for them, so they go into
+    tokenizer_config.json's added_tokens_decoder, after Llama 3's 256 specials.
     """
-    import sentencepiece as spm
     src = Path(src)
     tok = Tokenizer(src)
-    if tok.kind != "sentencepiece":
-        raise ValueError(f"{tok.path}: extend_tokenizer needs a SentencePiece model, "
-                         f"not {tok.kind}")
     present = [p for p in INFILL_PIECES.values() if tok.piece_to_id(p) is not None]
     if present:
         raise ValueError(f"{tok.path} already has infilling pieces {present}")
+    out_path = Path(out_path)
+    if tok.kind == "sentencepiece":
+        _extend_sentencepiece(tok, out_path)
+        if tok.config_path:  # BOS/EOS names and add_bos travel with the tokenizer
+            write_atomic(out_path.parent / "tokenizer_config.json", tok.config_path.read_bytes())
+        return out_path
+    n = tok.vocab_size
+    new = {n + k: piece for k, piece in enumerate(INFILL_PIECES.values())}
+    entry = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    config = dict(tok.config)
+    if tok.kind == "tokenizer.json":
+        spec = json.loads(tok.path.read_text(encoding="utf-8"))
+        spec["added_tokens"] = spec.get("added_tokens", []) + [
+            {"id": i, "content": piece, **entry} for i, piece in new.items()]
+        data = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+    else:
+        data = tok.path.read_bytes()
+    if "added_tokens_decoder" in config or tok.kind == "tiktoken":
+        config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), **{
+            str(i): {"content": piece, **entry} for i, piece in new.items()}}
+    write_atomic(out_path, data)
+    if config or tok.kind == "tiktoken":
+        write_atomic(out_path.parent / "tokenizer_config.json",
+                     json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8"))
+    check = Tokenizer(out_path)
+    if check.vocab_size != n + 4 or [getattr(check, f"{k}_id") for k in INFILL_PIECES] != [*new]:
+        raise RuntimeError(f"{tok.path}: the extended tokenizer did not load as expected")
+    return out_path
+
+
+def _extend_sentencepiece(tok, out_path):
+    import sentencepiece as spm
     n = tok.vocab_size
     size = -(-(n + INFILL_OFFSET + len(INFILL_PIECES)) // 16) * 16  # round up to a multiple of 16
     infill = {n + INFILL_OFFSET + k: p for k, p in enumerate(INFILL_PIECES.values())}
@@ -488,4 +539,3 @@ def extend_tokenizer(src, out_path):
     if check.get_piece_size() != size or any(check.id_to_piece(i) != p for i, p in infill.items()):
         raise RuntimeError(f"{tok.path}: the extended model did not load as expected")
     write_atomic(out_path, data)
-    return Path(out_path)

@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data import IGNORE, Batches, Corpus, Dialogs, is_dialogs, is_prepared, prepare, summary
+from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, is_dialogs, is_prepared, prepare,
+                  summary)
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
                    load_weights, parallelize)
 from tokenizer import Tokenizer
@@ -103,6 +104,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     a("--whole-docs", action=argparse.BooleanOptionalAction, default=False,
       help="start a document that fits in a sequence at a sequence start rather than cut it; the "
            "rest of the sequence before it is padding, never a target")
+    a("--loader-workers", type=int, default=0,
+      help="processes per training process that build batches ahead (data.LoaderWorkers; the "
+           "batches are the same as with 0, which builds them in the training process)")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     a("--keep-ckpts", type=int, default=3, help="checkpoints kept (the newest)")
@@ -443,6 +447,8 @@ def setup_data(args, setup, d: Dist, stream_flags=()):
         for flag in ("steps", "seq_len", "batch_tokens", "micro_batch", "ckpt_every", "keep_ckpts"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.loader_workers < 0:
+            raise ValueError("--loader-workers must be 0 or more")
         if args.batch_tokens % args.seq_len:
             raise ValueError(f"--batch-tokens {args.batch_tokens} is not a multiple of --seq-len "
                              f"{args.seq_len}")
@@ -485,14 +491,17 @@ def start_log(out: Path, step: int, args, d: Dist):
     return metrics
 
 
-def train_step(step, model, opt, batches: Batches, args, d: Dist, autocast):
-    """One optimizer step on the next global batch: micro-batches, gradient clipping, update.
-    Returns the loss, the gradient norm and the batch's counts (targets, sequences of one document,
-    of several, padding tokens)."""
+def train_step(step, model, opt, batches: Batches, args, d: Dist, autocast, loader=None):
+    """One optimizer step on the next global batch (from `loader`, LoaderWorkers over `batches`,
+    or `batches` itself): micro-batches, gradient clipping, update. Returns the loss, the gradient
+    norm and the batch's counts (targets, sequences of one document, of several, padding)."""
     lr = lr_at(step, args)
     for group in opt.param_groups:
         group["lr"] = lr
-    x, y = (torch.from_numpy(t).to(d.device) for t in batches.next())
+    try:
+        x, y = (torch.from_numpy(t).to(d.device) for t in (loader or batches).next())
+    except RuntimeError as e:  # a loader worker died or failed: say so, never hang
+        raise SystemExit(f"error: {e}") from None
     # The loss is the mean over all targets of the global batch, however it is split: each rank
     # sums its token losses over the global count, times world size as FSDP averages the ranks.
     # one all-reduce: the target count, and the global batch's sequences holding one document,
@@ -554,12 +563,16 @@ def run(args, setup=None, stream_flags=()):
     use_autocast = args.dtype == "bf16" and not (d.mesh is not None and d.device.type == "cuda")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_autocast)
     held_out = batches.held_out(args.eval_seqs) if args.eval_every > 0 else []
-    timings = []
+    timings, pad_tokens = [], 0
+    # forked now that `batches` holds the resumed position: the workers start from it
+    loader = LoaderWorkers(batches, args.loader_workers) if args.loader_workers else None
 
     while step < args.steps:
         step += 1
         t0 = time.perf_counter()
-        lr, loss, grad_norm, counts = train_step(step, model, opt, batches, args, d, autocast)
+        lr, loss, grad_norm, counts = train_step(step, model, opt, batches, args, d, autocast,
+                                                 loader)
+        pad_tokens += counts[3]
         dt = time.perf_counter() - t0
         timings.append(dt)
         mem = (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"
@@ -577,6 +590,7 @@ def run(args, setup=None, stream_flags=()):
         d.print(f"step {step}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f}"
                 f" | {row['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem {mem:.2f} GB"
                 f" | 1-doc seqs {counts[1]}/{counts[1] + counts[2]}"
+                + (f" | pad {100 * row['pad_frac']:.1f}%" if counts[3] else "")
                 + "".join(f" | {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")))
         if d.rank == 0:
             with open(metrics, "a") as f:
@@ -584,6 +598,11 @@ def run(args, setup=None, stream_flags=()):
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(out, step, model, opt, batches, args, d)
 
+    if loader:
+        loader.close()
+    if timings:
+        d.print(f"padding: {100 * pad_tokens / (len(timings) * args.batch_tokens):.2f}% of this "
+                "session's tokens (documents kept whole: --whole-docs, infilling examples)")
     if len(timings) > 2:  # the first steps pay for warm-up (allocation, compilation)
         mean = sum(timings[2:]) / len(timings[2:])
         d.print(f"mean over steps 3+ of this session: {args.batch_tokens / mean:,.0f} tokens/s"

@@ -3,15 +3,20 @@
 The same data, schedule and length as train_code.py, with one change: 90% of the documents that
 fit in one context become fill-in-the-middle examples, half PSM and half SPM (`fim` below; sec.
 2.3), and the model learns to write a middle between a prefix and a suffix at little cost to
-ordinary completion (Table 5). 34B and the Python models were trained without it.
+ordinary completion (Table 5). 34B and the Python models were trained without it. As in the paper,
+an example is never cut across two contexts: each lies whole in one (the rest of the sequence it
+does not fit in is padding, whose share each step logs), and a document whose example would not
+fit in one is rendered plainly (--no-fim-whole-docs packs examples back to back, for comparisons).
 
 Code Llama added four tokens for this (▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; 32,000 -> 32,016 ids).
 Started from a model whose tokenizer lacks them (Llama 2), this script writes the extended
-tokenizer into OUT/tokenizer/ (tokenizer.extend_tokenizer: Code Llama's ids), the engine grows the
-embeddings to match (new rows start at the mean row) and the export OUT/hf/ carries the extended
-tokenizer. The held-out loss it logs is that of its own objective (the held-out documents go through
-the same transform, with fixed split points), so it is not comparable with another stage's plain
-next-token loss: bench/fim_vs_ar.py measures that one for FIM and plain runs alike.
+tokenizer into OUT/tokenizer/ (tokenizer.extend_tokenizer: Code Llama's ids; a byte-level BPE such
+as SmolLM2's, or a tiktoken file, gets them as added special tokens right after its ids), the
+engine grows the embeddings to match (new rows start at the mean row) and the export OUT/hf/
+carries the extended tokenizer. The held-out loss it logs is that of its own objective (the
+held-out documents go through the same transform, with fixed split points), so it is not
+comparable with another stage's plain next-token loss: bench/fim_vs_ar.py measures that one for
+FIM and plain runs alike.
 
 One CPU, the tiny preset on the interpreter's own standard library (a few minutes; only files that
 fit in one 256-token context become infilling examples, a minority of the library's files:
@@ -29,13 +34,13 @@ Eight GPUs, the paper's settings, from Llama 2 7B (HF layout):
         --data data/code data/code_nl data/nl --out runs/infill-7b --activation-checkpointing
 """
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 
 import train
 import train_code
-from common import write_atomic
 from data import Document, bos_eos
 from model import PRESETS
 from prompts import format_infill
@@ -55,13 +60,17 @@ from tokenizer import Tokenizer, extend_tokenizer
 # document's BOS follows an EOS whatever the transform did. Every id is a target (FIM keeps the
 # loss on all three parts; Code Llama is silent).
 #
-# "Only documents that are not cut across several model contexts": here documents are packed into
-# a stream with no alignment to context starts, so where a document lands depends on everything
-# before it in its stream. The one property of the document itself is whether it can lie in one
-# context at all: its plain rendering (BOS + tokens + EOS) fits in seq_len tokens. Longer documents
-# are always cut, would lose their sentinels or their middle to the next context, and are rendered
-# plainly. This keeps the choice a function of (seed, document, stream position) alone, so a resume
-# makes the same choices (Batches seeds `rng` by position; a document gets new cuts each epoch).
+# "Only documents that are not cut across several model contexts" (sec. 2.3): an infilling example
+# that cannot lie whole in one context is rendered plainly instead (its plain rendering is longer
+# than seq_len, or the sentinels and the re-encoding of three parts push the example past it: a
+# few documents near the limit), and one that can is placed whole in one context: the transform
+# asks data.Batches for it (its third value), so when it does not fit in what is left of the
+# current sequence, the rest is padding and it starts the next one. Packed back to back like any
+# document, a third of the examples would be cut (measured on the standard library at 256
+# tokens), a PSM middle then often trained without its prefix in view. The other documents are
+# packed back to back as in the other stages; `whole_docs=False` packs the examples that way too,
+# for comparisons. Every choice is a function of (seed, document, stream position), so a resume
+# makes the same ones (Batches seeds `rng` by position; a document gets new cuts each epoch).
 
 
 def fim_example(tok, prefix, middle, suffix, suffix_first=False):
@@ -81,10 +90,11 @@ def fim_example(tok, prefix, middle, suffix, suffix_first=False):
     return ids + [tok.eot_id, tok.eos_id]
 
 
-def fim(tok, seq_len, rate=0.9, spm_rate=0.5):
-    """The FIM transform for Batches: with probability `rate` a document that fits in one context
-    becomes an infilling example, PSM or SPM (SPM with probability `spm_rate`; the paper: 0.9 and
-    half and half, sec. 2.3); otherwise it is rendered as `bos_eos` does."""
+def fim(tok, seq_len, rate=0.9, spm_rate=0.5, whole_docs=True):
+    """The FIM transform for Batches: with probability `rate` a document becomes an infilling
+    example, PSM or SPM (SPM with probability `spm_rate`; the paper: 0.9 and half and half, sec.
+    2.3), if the example fits in one context of seq_len tokens; otherwise it is rendered as
+    `bos_eos` does. `whole_docs`: examples are placed whole in one context (see above)."""
     if not 0 <= rate <= 1 or not 0 <= spm_rate <= 1:
         raise ValueError(f"FIM rate {rate} and SPM rate {spm_rate} must lie in [0, 1]")
     format_infill(tok, "", "")  # a tokenizer without the infilling pieces fails here, clearly
@@ -94,11 +104,14 @@ def fim(tok, seq_len, rate=0.9, spm_rate=0.5):
         ids, mask = plain(doc, rng)
         u_fim, u_spm = rng.random(2)
         if len(ids) > seq_len or u_fim >= rate:
-            return ids, mask
+            return ids, mask, False
         text = doc.text  # decoded only for the documents that are transformed
         # Two cut points, independent and uniform over the characters (sec. 2.3), then sorted.
         a, b = sorted(int(c) for c in rng.integers(0, len(text) + 1, 2))
-        return np.array(fim_example(tok, text[:a], text[a:b], text[b:], u_spm < spm_rate)), None
+        example = fim_example(tok, text[:a], text[a:b], text[b:], u_spm < spm_rate)
+        if len(example) > seq_len:  # never cut: rendered plainly, as a longer document is
+            return ids, mask, False
+        return np.array(example), None, whole_docs
     return transform
 
 
@@ -107,14 +120,9 @@ def setup(args, tok, d):
     (extended here when --init's lacks them) and the FIM transform."""
     tok, _ = train_code.setup(args, tok, d)
     if None in (tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id):
-        if tok.kind != "sentencepiece":
-            raise ValueError(f"{tok.path} has no infilling tokens, and only a SentencePiece model "
-                             "(Llama 2's) can be extended with Code Llama's")
-        folder = Path(args.out) / "tokenizer"
         # Every process writes the same bytes atomically: no process ever reads a partial file.
-        path = extend_tokenizer(tok.path, folder / "tokenizer.model")
-        if tok.config_path:  # BOS/EOS names and add_bos travel with the tokenizer
-            write_atomic(folder / "tokenizer_config.json", tok.config_path.read_bytes())
+        # The tokenizer's config (BOS/EOS names, add_bos) is written beside it.
+        path = extend_tokenizer(tok.path, Path(args.out) / "tokenizer" / tok.path.name)
         old, tok = tok, Tokenizer.from_pretrained(path)
         if d.rank == 0:  # setup runs on every process; one says it
             if args.init in PRESETS:
@@ -124,10 +132,11 @@ def setup(args, tok, d):
                         f"to {tok.vocab_size:,} rows (new rows start at the mean row)")
             else:
                 grow = f"the model already has {train.model_args(args).vocab_size:,} embeddings"
+            ids = "Code Llama's" if tok.kind == "sentencepiece" else "added special tokens"
             print(f"tokenizer: {old.path} lacks the infilling tokens: extended from "
-                  f"{old.vocab_size:,} to {tok.vocab_size:,} ids (Code Llama's) in {path}; {grow}",
+                  f"{old.vocab_size:,} to {tok.vocab_size:,} ids ({ids}) in {path}; {grow}",
                   flush=True)
-    return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate)
+    return tok, fim(tok, args.seq_len, args.fim_rate, args.spm_rate, args.fim_whole_docs)
 
 
 def parser():
@@ -138,9 +147,15 @@ def parser():
     p.add_argument("--spm-rate", type=float, default=0.5,
                    help="share of the infilling examples in the SPM layout, the rest PSM "
                         "(sec. 2.3)")
+    p.add_argument("--fim-whole-docs", action=argparse.BooleanOptionalAction, default=True,
+                   help="place each infilling example whole in one context, padding the rest of "
+                        "the one it does not fit in (sec. 2.3); --no-fim-whole-docs packs them "
+                        "back to back, cut at context boundaries like any document (for "
+                        "comparisons)")
     return p
 
 
 if __name__ == "__main__":
-    # the FIM rates shape the data stream too: a resume with other values is refused
-    train.run(parser().parse_args(), setup, stream_flags=("fim_rate", "spm_rate"))
+    # the FIM flags shape the data stream too: a resume with other values is refused
+    train.run(parser().parse_args(), setup,
+              stream_flags=("fim_rate", "spm_rate", "fim_whole_docs"))

@@ -15,7 +15,16 @@ on files neither run trained on:
   right, the baseline an AR model can do. Two scores per mode: exact match of the greedy middle
   (generation stops at <EOT>, EOS or the first line end; the first line is compared, blind to
   trailing whitespace: eval.infill_exact), and the loss of the true middle in nats per character
-  (comparable across modes, whose tokens differ).
+  (comparable across modes, whose tokens differ); and, teacher-forced, the first middle token
+  apart from the rest (accuracy of the greedy choice, loss in nats): in PSM the first token is
+  where the model must find where the prefix ended, across the suffix;
+- the same for multi-line tasks (a block of 2-4 body lines per function; generation stops after
+  as many lines) and random-span tasks (a random character span of the body, as Bavarian et al.
+  2022 mask; prefix-only completion cannot know where a span ends and is not generated: "-"),
+  --tasks-long of each;
+- the paired comparison, per kind: the FIM model's best infilling mode against the best the
+  plain model does in any mode, on the same tasks (McNemar). The evaluation runs in --eval-procs
+  processes, a share of the tasks each.
 
 Corpus: the interpreter's standard library (its tests, idlelib and lib2to3 left out; --corpus
 adds or replaces folders), every file cut where a top-level or nested `def`/`class` line starts,
@@ -28,6 +37,13 @@ preset is then 4.0M parameters instead of 19M with Llama 2's 32,000 pieces. --to
 Llama 2's instead.
 
     python bench/fim_vs_ar.py --out runs/fim-vs-ar     # 36 min on 2 cores at load average 7-10
+
+The smallest settings, end to end on a CPU (a minute with the tiny preset; with --init SmolLM2,
+below, about 15 min at load average 10):
+
+    python bench/fim_vs_ar.py --out /tmp/fva --corpus STDLIB/email STDLIB/json --vocab-size 500 \
+        --steps 3 --seq-len 256 --batch-tokens 512 --micro-batch 2 --warmup 1 --tasks 4 \
+        --tasks-long 2 --eval-windows 2 --max-new-tokens 8 --max-new-tokens-long 16
 
 At that size (about 1M training tokens each) the AR losses are within a few percent, but neither
 model infills yet (exact match ~0 in every mode). On a GPU machine, with the Python of the
@@ -87,7 +103,33 @@ whole (9% of the tokens are then padding). On this CPU, FIM 0.9 with and without
 PSM middle 0.891 vs 0.903 nats/char, SPM 0.765 vs 0.759, AR loss 3.040 vs 3.003; neither model
 infills yet (exact match 0.00 in PSM, 0.04 in SPM), so this scale cannot tell. Next: the GPU
 comparison above with --whole-docs on both runs.
-"""
+
+From a pretrained model, as the paper does (Code Llama continues Llama 2, which can already read
+and copy code): --init continues SmolLM2-135M (Llama architecture, 30 layers of 576, 49,152-id
+byte-level BPE; the tests' model, dequantized from its 4-bit file) with its own tokenizer, which
+train_infill.py extends with the four infilling tokens (added special tokens 49152-49155), on
+whole files; infilling examples now lie whole in one context (train_infill.py's default), at
+2,048 tokens. SmolLM2 itself, before any training (its new embedding rows at the mean row), is
+evaluated as a third row. Prepared for one H200 (9 min at most: ~1 min corpus and tokenizing,
+~5 min for the two runs side by side, compiled, four loader workers each, ~2.5 min for 12
+evaluation processes). The step count is an estimate (~60-70k tokens/s per run side by side for
+a 135M model at 2,048 tokens, compiled), not a measurement: if the first steps log less, lower
+--steps for both runs, the same for both:
+
+    python bench/fim_vs_ar.py --out runs/fim-smollm2 --init SMOLLM2 --corpus STDLIB SITE_PACKAGES \
+        --corpus-mb 200 --whole-files --seq-len 2048 --steps 240 --batch-tokens 65536 \
+        --micro-batch 16 --lr 3e-4 --warmup 24 --compile --loader-workers 4 --tasks 1000 \
+        --tasks-long 300 --eval-windows 256 --max-new-tokens 48 --max-new-tokens-long 96 \
+        --eval-procs 12
+
+(SMOLLM2: `python -c "import sys; sys.path.insert(0, 'tests'); import gguf_to_hf;
+print(gguf_to_hf.cached_conversion())"`; STDLIB and SITE_PACKAGES as above.) Not run yet: no
+GPU was available when it was prepared. Read SPM and prefix-only with SmolLM2's tokenizer in mind:
+GPT-2's pre-tokenizer joins a line end to the next line's indentation ("\n   " + " return"), so
+a line start is not a token boundary there as it is for SentencePiece, and a prompt that ends
+with the prefix's own tokens ends on a token ("\n") the model rarely saw before indentation; the
+middle is then scored in its own encoding (prompt_and_middle), and token healing (App. E), which
+would let the model re-write that last token, is not implemented. PSM has no such seam."""
 
 import argparse
 import ast
@@ -110,7 +152,9 @@ sys.path.insert(0, str(ROOT))
 from common import write_atomic  # noqa: E402
 from data import format_infill, prepare, summary  # noqa: E402
 from eval import infill_decoder, infill_exact  # noqa: E402
+from model import Transformer  # noqa: E402
 from sample import generate, load  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 STDLIB = Path(os.__file__).parent
 SKIP = {"site-packages", "test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo",
@@ -138,12 +182,12 @@ def split_files(roots, max_mb):
     return train, held
 
 
-def write_corpus(files, path):
-    """One JSONL record per definition-sized piece of each file."""
+def write_corpus(files, path, whole_files=False):
+    """One JSONL record per definition-sized piece of each file (or per file)."""
     rows = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
-        pieces = DEFINITION.split(text)
+        pieces = [text] if whole_files else DEFINITION.split(text)
         for k, piece in enumerate(pieces):
             piece += "\n" if k + 1 < len(pieces) else ""  # the split ate a line end
             if piece.strip():
@@ -170,11 +214,18 @@ def train_tokenizer(files, path, vocab_size, max_mb=32):
     return path
 
 
+KINDS = ("single", "multi", "span")
+MODES = ("psm", "spm", "l2r")
+
+
 def infill_tasks(files, tok, max_tokens):
-    """Single-line tasks on every function of `files` that fits in max_tokens: each non-empty,
-    non-comment line of its body (docstring left out) is a middle, the function's text around it
-    prefix and suffix."""
-    tasks = []
+    """Infilling tasks on every function of `files` that fits in max_tokens, the function's text
+    around the middle being prefix and suffix, as HumanEval-infilling's three kinds (Code Llama
+    Table 14): "single": each non-empty, non-comment line of its body (docstring left out) in
+    turn; "multi": one block of 2 to 4 consecutive body lines per function; "span": one random
+    span of the body's characters per function (Bavarian et al.'s random span). Each task's
+    random choices are seeded by its place, so the same files give the same tasks anywhere."""
+    tasks = {k: [] for k in KINDS}
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
         try:
@@ -195,22 +246,45 @@ def infill_tasks(files, tok, max_tokens):
             func = lines[start:node.end_lineno]
             if len(tok.encode("".join(func))) > max_tokens:
                 continue
-            for i in range(body[0].lineno - 1, node.end_lineno):
+            where, b0, end = f"{f}:{node.lineno}", body[0].lineno - 1, node.end_lineno
+
+            def task(kind, a, b):  # the middle is characters a:b of the function's text
+                t = "".join(func)
+                return {"kind": kind, "where": where, "prefix": t[:a], "middle": t[a:b],
+                        "suffix": t[b:]}
+            offsets = [0]
+            for line in func:
+                offsets.append(offsets[-1] + len(line))
+            for i in range(b0, end):
                 if lines[i].strip() and not lines[i].strip().startswith("#"):
-                    tasks.append({"where": f"{f}:{i + 1}",
-                                  "prefix": "".join(lines[start:i]), "middle": lines[i],
-                                  "suffix": "".join(lines[i + 1:node.end_lineno])})
+                    tasks["single"].append(task("single", offsets[i - start],
+                                                offsets[i + 1 - start]))
+            rng = random.Random(where)
+            if end - b0 >= 3:
+                k = rng.randint(2, min(4, end - b0 - 1))
+                i = rng.randrange(b0, end - k + 1)
+                if "".join(lines[i:i + k]).strip():
+                    tasks["multi"].append(task("multi", offsets[i - start],
+                                               offsets[i + k - start]))
+            lo, hi = offsets[b0 - start], offsets[-1]
+            a, b = sorted(rng.randint(lo, hi) for _ in range(2))
+            if b > a:
+                tasks["span"].append(task("span", a, b))
     return tasks
 
 
 def train_cmd(args, tok_path, corpus, fim_rate, out):
-    return [sys.executable, "train_infill.py", "--init", args.preset, "--tokenizer", str(tok_path),
+    init = ["--init", str(args.init)] if args.init else ["--init", args.preset,
+                                                         "--tokenizer", str(tok_path)]
+    return [sys.executable, "train_infill.py", *init,
             "--data", str(corpus), "--out", str(out), "--fim-rate", str(fim_rate),
             "--steps", str(args.steps), "--seq-len", str(args.seq_len),
             "--batch-tokens", str(args.batch_tokens), "--micro-batch", str(args.micro_batch),
             "--lr", str(args.lr), "--warmup", str(args.warmup),
             "--ckpt-every", str(max(100, args.steps // 10)), "--eval-every", "0",
-            "--dtype", "bf16", "--seed", str(args.seed)] + ["--whole-docs"] * args.whole_docs
+            "--dtype", "bf16", "--seed", str(args.seed),
+            "--loader-workers", str(args.loader_workers)] + ["--whole-docs"] * args.whole_docs \
+        + ["--no-fim-whole-docs"] * (not args.fim_whole_docs) + ["--compile"] * args.compile
 
 
 def finished(out: Path, steps: int) -> bool:
@@ -268,37 +342,139 @@ def ar_loss(model, tok, files, seq_len, n_windows):
 def prompt_and_middle(tok, task, mode):
     """The prompt of a mode and the ids the model should write: PSM, SPM (Code Llama's layouts,
     format_infill) or l2r (BOS + the prefix alone, continued: what an AR model can do). In SPM
-    and l2r the middle continues the prefix's tokens; a line start is a token boundary here."""
+    and l2r the middle continues the prefix's tokens, as SPM training encodes prefix + middle as
+    one text; where a token straddles the cut (random spans), the middle's own encoding, which
+    decodes to the same text after the prefix, is scored instead (token healing, App. E, would
+    let the model re-write the straddling token)."""
     if mode == "psm":
         return format_infill(tok, task["prefix"], task["suffix"]), \
             tok.encode_infilling(task["middle"])
     head = tok.encode(task["prefix"])
     whole = tok.encode(task["prefix"] + task["middle"])
-    assert whole[:len(head)] == head, task["where"]
+    target = whole[len(head):] if whole[:len(head)] == head else \
+        tok.encode_infilling(task["middle"])
     prompt = (format_infill(tok, task["prefix"], task["suffix"], suffix_first=True)
-              if mode == "spm" else tok.encode(task["prefix"], bos=True))
-    return prompt, whole[len(head):]
+              if mode == "spm" else tok.encode(task["prefix"], bos=tok.add_bos))
+    return prompt, target
 
 
 @torch.no_grad()
-def infill_scores(model, tok, tasks, mode, max_new_tokens):
-    """(exact match per task, nats per character of the true middle) over the tasks, in one mode.
-    Generation is greedy and stops at <EOT>, EOS or a line end."""
+def score_task(model, tok, task, mode, max_new_tokens):
+    """One task in one mode: the true middle's loss (nats, and its characters), teacher-forced
+    the first middle token apart from the rest (greedy choice right or not, loss), and the exact
+    match of the greedy middle. Generation stops at <EOT> or EOS, and for line tasks once it has
+    as many line ends as the middle, whose lines it is compared with; a random span's end cannot
+    be told without the suffix, so prefix-only completion of a span is not generated (None)."""
+    prompt, target = prompt_and_middle(tok, task, mode)
+    device = model.tok_embeddings.weight.device
+    logits = model(torch.tensor([prompt + target[:-1]], device=device))[0, len(prompt) - 1:]
+    losses = F.cross_entropy(logits.float(), torch.tensor(target, device=device),
+                             reduction="none").tolist()
+    right = [int(a == b) for a, b in zip(logits.argmax(-1).tolist(), target)]
+    row = {"nats": sum(losses), "chars": len(task["middle"]), "first_hit": right[0],
+           "first_nats": losses[0], "rest_hits": sum(right[1:]), "rest_nats": sum(losses[1:]),
+           "rest_n": len(target) - 1, "hit": None}
+    if task["kind"] == "span" and mode == "l2r":
+        return row
     stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
-    hits, nats, chars = [], 0.0, 0
-    for t in tasks:
-        prompt, target = prompt_and_middle(tok, t, mode)
-        device = model.tok_embeddings.weight.device
-        logits = model(torch.tensor([prompt + target[:-1]], device=device))[0, len(prompt) - 1:]
-        nats += F.cross_entropy(logits, torch.tensor(target, device=device),
-                                reduction="sum").item()
-        chars += len(t["middle"])
-        decode = infill_decoder(tok, t["prefix"], mode != "psm")  # l2r decodes as SPM does
-        ids = generate(model, prompt, max_new_tokens, stop_ids=stop_ids,
-                       stop=lambda i, ids: "\n" in decode(ids))[0]
-        middle = decode(ids)
-        hits.append(int(infill_exact(middle[:middle.find("\n") + 1] or middle, t["middle"])))
-    return hits, nats / chars
+    decode = infill_decoder(tok, task["prefix"], mode != "psm")  # l2r decodes as SPM does
+    n_lines = task["middle"].count("\n") if task["kind"] != "span" else 0
+    stop = (lambda i, ids: decode(ids).count("\n") >= n_lines) if n_lines else None
+    middle = decode(generate(model, prompt, max_new_tokens, stop_ids=stop_ids, stop=stop)[0])
+    if n_lines:
+        middle = "".join(middle.splitlines(keepends=True)[:n_lines])
+    row["hit"] = int(infill_exact(middle, task["middle"]))
+    return row
+
+
+def summarize(rows):
+    """A mode's scores over its tasks (rows of score_task, in task order)."""
+    n = len(rows)
+    hits = [r["hit"] for r in rows]
+    rest_n = max(1, sum(r["rest_n"] for r in rows))
+    return {"hits": hits, "exact": None if None in hits else sum(hits) / n,
+            "nats_per_char": sum(r["nats"] for r in rows) / sum(r["chars"] for r in rows),
+            "first_acc": sum(r["first_hit"] for r in rows) / n,
+            "first_loss": sum(r["first_nats"] for r in rows) / n,
+            "rest_acc": sum(r["rest_hits"] for r in rows) / rest_n,
+            "rest_loss": sum(r["rest_nats"] for r in rows) / rest_n}
+
+
+def load_model(args, name, device):
+    """A trained run's export, or ("untrained") the --init model itself with the embeddings
+    grown for the infilling tokens as train_infill.py grows them (new rows at the mean row)."""
+    if name != "untrained":
+        return load(args.out / name / "hf", device=device)
+    tok = Tokenizer.from_pretrained(args.out / "fim-0.9" / "hf")
+    model = Transformer.from_pretrained(args.init)
+    model.resize_vocab(tok.vocab_size)
+    return model.to(device).eval(), tok
+
+
+def eval_shard(args, name, shard):
+    """Worker (--eval-shard NAME:I): shard I of --eval-procs of every kind's tasks, every mode,
+    model NAME; plus, in shard 0, its AR held-out loss. Written to OUT/eval/NAME-I.json."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(args, name, device)
+    held_files = split_files(args.corpus, args.corpus_mb)[1]
+    tasks = select_tasks(args, held_files, tok)
+    per = max(1, args.eval_procs // args.n_models)
+    out = {"tasks": {k: len(v) for k, v in tasks.items()}, "rows": {}}
+    for kind, ts in tasks.items():
+        limit = args.max_new_tokens if kind == "single" else args.max_new_tokens_long
+        for mode in MODES:
+            out["rows"][f"{kind}/{mode}"] = [score_task(model, tok, t, mode, limit)
+                                             for t in ts[shard::per]]
+    if shard == 0:
+        out["ar_loss"], out["ar_tokens"] = ar_loss(model, tok, held_files, args.seq_len,
+                                                   args.eval_windows)
+    path = args.out / "eval" / f"{name}-{shard}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out))
+
+
+def select_tasks(args, held_files, tok):
+    """The tasks evaluated: a seeded sample of each kind (--tasks single-line ones, --tasks-long
+    of each of the others), from functions that fit in a --seq-len context with room to write."""
+    room = max(args.max_new_tokens, args.max_new_tokens_long) + 8
+    tasks = infill_tasks(held_files, tok, args.seq_len - room)
+    return {k: random.Random(args.seed).sample(v, min(args.tasks if k == "single"
+                                                      else args.tasks_long, len(v)))
+            for k, v in tasks.items()}
+
+
+def evaluate_all(args, names):
+    """Every model's shards in parallel processes (single-sequence greedy decoding leaves a GPU
+    mostly idle, so several processes share it well), then their rows put back in task order."""
+    per = max(1, args.eval_procs // len(names))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name in names:
+        for i in range(per):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-shard", f"{name}:{i}",
+                   "--n-models", str(len(names))]
+            with open(args.out / f"eval-{name}-{i}.log", "w") as log:
+                procs[name, i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env)
+    for (name, i), proc in procs.items():
+        if proc.wait():
+            sys.exit(f"evaluation of {name} (shard {i}) failed: see "
+                     f"{args.out / f'eval-{name}-{i}.log'}")
+    results = {}
+    for name in names:
+        parts = [json.loads((args.out / "eval" / f"{name}-{i}.json").read_text())
+                 for i in range(per)]
+        r = {"ar_loss": parts[0]["ar_loss"], "ar_tokens": parts[0]["ar_tokens"]}
+        for key in parts[0]["rows"]:
+            n = sum(len(p["rows"][key]) for p in parts)
+            rows = [parts[j % per]["rows"][key][j // per] for j in range(n)]
+            r[key] = summarize(rows)
+        results[name] = r
+    return results, parts[0]["tasks"]
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 def main():
@@ -308,8 +484,15 @@ def main():
                    help="folders of Python files (default: the standard library)")
     p.add_argument("--corpus-mb", type=float, default=0,
                    help="training text to take from --corpus, a hash-ordered sample (0: all)")
+    p.add_argument("--whole-files", action="store_true",
+                   help="train on whole files, not files cut at each definition (for long "
+                        "contexts, as the paper's documents)")
+    p.add_argument("--init", type=Path,
+                   help="an HF folder to continue from with its own tokenizer (SmolLM2, as Code "
+                        "Llama continues Llama 2), instead of a --preset from scratch; it is "
+                        "also evaluated untrained, as a third row")
     p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model to use instead of "
-                                       "training one (e.g. Llama 2's)")
+                                       "training one (e.g. Llama 2's); not with --init")
     p.add_argument("--vocab-size", type=int, default=2000, help="of the trained tokenizer")
     p.add_argument("--preset", default="tiny", choices=["tiny", "mini"], help="model size (mini: "
                    "23M non-embedding parameters, for a GPU machine)")
@@ -320,21 +503,42 @@ def main():
     p.add_argument("--whole-docs", action="store_true",
                    help="never cut a document that fits across two contexts (train.py "
                         "--whole-docs; the rest of a sequence is padding)")
+    p.add_argument("--fim-whole-docs", action=argparse.BooleanOptionalAction, default=True,
+                   help="infilling examples whole in one context (train_infill.py's default)")
+    p.add_argument("--compile", action="store_true", help="train with torch.compile")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="batch-building processes per run (train.py --loader-workers)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", type=int, default=200, help="single-line tasks evaluated (a seeded "
                                                           "sample of all)")
+    p.add_argument("--tasks-long", type=int, default=50,
+                   help="multi-line and random-span tasks evaluated, of each")
     p.add_argument("--eval-windows", type=int, default=128,
                    help="held-out windows of --seq-len tokens for the AR loss")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="for a single line")
+    p.add_argument("--max-new-tokens-long", type=int, default=128,
+                   help="for multi-line and random-span tasks")
+    p.add_argument("--eval-procs", type=int, default=3,
+                   help="evaluation processes, split evenly over the models (each takes a share "
+                        "of the tasks)")
+    p.add_argument("--eval-shard", help=argparse.SUPPRESS)  # NAME:I, for the processes above
+    p.add_argument("--n-models", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--train-only", action="store_true",
                    help="stop after training: evaluate later, e.g. on another machine (a finished "
                         "run copied into --out with its hf/ and metrics.jsonl is not retrained)")
     args = p.parse_args()
     args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.init and args.tokenizer:
+        p.error("--init brings its own tokenizer: drop --tokenizer")
+    args.init = args.init.resolve() if args.init else None
+    args.corpus = [c.resolve() for c in args.corpus]
     torch.set_num_threads(1)  # on a busy machine one thread beats two (OpenMP barriers wait)
+    if args.eval_shard:
+        name, shard = args.eval_shard.rsplit(":", 1)
+        return eval_shard(args, name, int(shard))
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
@@ -343,10 +547,12 @@ def main():
     tok_path, prepared = args.out / "tok.model", args.out / "data"
     if args.tokenizer:
         tok_path = Path(args.tokenizer).resolve()
+    if args.init:
+        tok_path = Tokenizer.from_pretrained(args.init).path
     if not all(finished(args.out / name, args.steps) for name in runs):
         corpus = args.out / "train.jsonl"
         if not corpus.exists():
-            n = write_corpus(train_files, corpus)
+            n = write_corpus(train_files, corpus, args.whole_files)
             print(f"corpus: {len(train_files)} training files -> {n} documents; "
                   f"{len(held_files)} files held out", flush=True)
         if not tok_path.exists():
@@ -354,7 +560,8 @@ def main():
         # Tokenized once, by every core, before the two runs (which then read the shards).
         print(f"prepared: {summary(prepare([corpus], tok_path, prepared, shard_mb=4))}",
               flush=True)
-    print(f"training {' and '.join(runs)} side by side, {args.steps} steps of "
+    start = args.init or args.preset
+    print(f"training {' and '.join(runs)} from {start} side by side, {args.steps} steps of "
           f"{args.batch_tokens} tokens (logs: {args.out}/*.log)", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()},
                "runs": train_both(args, tok_path, prepared, runs)}
@@ -362,53 +569,53 @@ def main():
     if args.train_only:
         return
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = {name: load(args.out / name / "hf", device=device) for name in runs}
-    tok = models["fim-0.9"][1]
-    tasks = infill_tasks(held_files, tok, args.seq_len - args.max_new_tokens - 8)
-    n_all = len(tasks)
-    tasks = random.Random(args.seed).sample(tasks, min(args.tasks, n_all))
-    print(f"{n_all} single-line tasks from {len(held_files)} held-out files; "
-          f"evaluating {len(tasks)}", flush=True)
-    modes = ("psm", "spm", "l2r")
-    for name, (model, tok) in models.items():
-        r = results["runs"][name]
-        r["ar_loss"], r["ar_tokens"] = ar_loss(model, tok, held_files, args.seq_len,
-                                               args.eval_windows)
-        for mode in modes:
-            t1 = time.time()
-            r[f"hits_{mode}"], r[f"nats_per_char_{mode}"] = infill_scores(
-                model, tok, tasks, mode, args.max_new_tokens)
-            r[f"exact_{mode}"] = sum(r[f"hits_{mode}"]) / len(tasks)
-            print(f"  {name} {mode}: exact match {r[f'exact_{mode}']:.3f}, middle "
-                  f"{r[f'nats_per_char_{mode}']:.3f} nats/char ({time.time() - t1:.0f}s)",
-                  flush=True)
-    results["tasks"] = len(tasks)
+    names = [*runs, *["untrained"] * bool(args.init)]
+    t1 = time.time()
+    scores, n_tasks = evaluate_all(args, names)
+    for name in names:
+        results["runs"].setdefault(name, {}).update(scores[name])
+    results["tasks"] = n_tasks
+    results["eval_minutes"] = (time.time() - t1) / 60
     results["minutes"] = (time.time() - t0) / 60
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, names)
+    print(f"\n{results['eval_minutes']:.1f} min of evaluation, {results['minutes']:.1f} min in "
+          f"all; load average {os.getloadavg()[0]:.1f}")
 
-    print("\n| model | AR held-out loss | single-line exact match: PSM / SPM / prefix only | "
-          "middle nats/char: PSM / SPM / prefix only |")
-    print("|---|---|---|---|")
-    for name, r in results["runs"].items():
-        print(f"| {name} | {r['ar_loss']:.4f} | "
-              + " / ".join(f"{r[f'exact_{m}']:.3f}" for m in modes) + " | "
-              + " / ".join(f"{r[f'nats_per_char_{m}']:.3f}" for m in modes) + " |")
-    a, b = results["runs"]["fim-0.9"], results["runs"]["fim-0"]
-    # Paired on the same tasks: the FIM model's best infilling mode against the best the plain
-    # model does with any mode, and the tasks where only one of the two is right (McNemar).
-    fim = max(("psm", "spm"), key=lambda m: a[f"exact_{m}"])
-    plain = max(modes, key=lambda m: b[f"exact_{m}"])
-    only_fim = sum(x > y for x, y in zip(a[f"hits_{fim}"], b[f"hits_{plain}"]))
-    only_plain = sum(y > x for x, y in zip(a[f"hits_{fim}"], b[f"hits_{plain}"]))
-    z = (only_fim - only_plain) / max(1, only_fim + only_plain) ** 0.5
-    print(f"\npaired: FIM {fim} {a[f'exact_{fim}']:.3f} vs no-FIM {plain} "
-          f"{b[f'exact_{plain}']:.3f}; right only with FIM {only_fim}, only without {only_plain} "
-          f"(McNemar z = {z:.1f})")
-    print(f"\nAR loss, FIM vs not: {100 * (a['ar_loss'] / b['ar_loss'] - 1):+.1f}% "
-          f"({a['ar_tokens']:,} held-out tokens); {len(tasks)} infilling tasks; "
-          f"{a['tokens']:,} training tokens each; {results['minutes']:.1f} min; "
-          f"load average {os.getloadavg()[0]:.1f}")
+
+def report(results, names):
+    """The tables: AR loss; per kind of task, exact match and middle loss per mode, the first
+    middle token apart from the rest; the paired comparison of the FIM model's best infilling
+    mode with the best the plain model does in any mode."""
+    runs, tasks = results["runs"], results["tasks"]
+    a, b = runs["fim-0.9"], runs["fim-0"]
+    print(f"\nAR held-out loss: " + ", ".join(f"{n} {runs[n]['ar_loss']:.4f}" for n in names)
+          + f" ({a['ar_tokens']:,} tokens); FIM vs not: "
+          f"{100 * (a['ar_loss'] / b['ar_loss'] - 1):+.1f}%; {a['tokens']:,} training tokens each")
+    for kind in KINDS:
+        if not tasks[kind]:
+            continue
+        print(f"\n{kind} ({tasks[kind]} tasks) | exact match PSM / SPM / prefix only | middle "
+              "nats/char | first middle token: accuracy | its loss (nats) | rest: accuracy | "
+              "loss (nats/token) |")
+        print("|---|---|---|---|---|---|---|")
+        for name in names:
+            r = runs[name]
+            print(f"| {name} | " + " | ".join(
+                " / ".join(fmt(r[f"{kind}/{m}"][k]) for m in MODES)
+                for k in ("exact", "nats_per_char", "first_acc", "first_loss", "rest_acc",
+                          "rest_loss")) + " |")
+        # Paired on the same tasks: right only with FIM, only without (McNemar).
+        best = lambda r, modes: max((m for m in modes if r[f"{kind}/{m}"]["exact"] is not None),
+                                    key=lambda m: r[f"{kind}/{m}"]["exact"])  # noqa: E731
+        fim, plain = best(a, ("psm", "spm")), best(b, MODES)
+        ha, hb = a[f"{kind}/{fim}"]["hits"], b[f"{kind}/{plain}"]["hits"]
+        only_fim = sum(x > y for x, y in zip(ha, hb))
+        only_plain = sum(y > x for x, y in zip(ha, hb))
+        z = (only_fim - only_plain) / max(1, only_fim + only_plain) ** 0.5
+        print(f"paired ({kind}): FIM {fim} {a[f'{kind}/{fim}']['exact']:.3f} vs no-FIM {plain} "
+              f"{b[f'{kind}/{plain}']['exact']:.3f}; right only with FIM {only_fim}, only "
+              f"without {only_plain} (McNemar z = {z:.1f})")
 
 
 if __name__ == "__main__":

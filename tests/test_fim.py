@@ -4,7 +4,9 @@ extension of a Llama 2 model to Code Llama's 32,016 ids by train_infill.py, and 
 --infill."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,8 +16,10 @@ import torch
 
 from conftest import ROOT, STDLIB
 import sample
-from data import IGNORE, Batches, Corpus, Document, Tokenizer, bos_eos, format_infill, prepare
+from data import IGNORE, Batches, Corpus, Document, LoaderWorkers, bos_eos, prepare
 from model import ModelArgs, Transformer
+from prompts import format_infill
+from tokenizer import Tokenizer
 from train_infill import fim, fim_example
 
 
@@ -80,13 +84,16 @@ def test_transform_statistics_and_exact_text(tok):
     lo, hi, n_long = [], [], 0
     for d, doc in enumerate(docs):
         for k in range(5):
-            ids, mask = transform(doc, np.random.default_rng([7, d, k]))
-            assert mask is None  # every id is a target, <EOT> included
+            ids, mask, whole = transform(doc, np.random.default_rng([7, d, k]))
             if len(doc.tokens) + 2 > seq_len:  # cut across contexts: untouched
-                assert np.array_equal(ids, plain(doc, None)[0])
+                assert np.array_equal(ids, plain(doc, None)[0]) and not whole
                 n_long += 1
                 continue
             layout, prefix, middle, suffix = parse(tok, ids, doc.text)
+            assert whole == (layout != "plain") and len(ids) <= seq_len
+            assert layout == "plain" or mask is None  # every id is a target, <EOT> included
+            if len(doc.tokens) + 2 + 16 > seq_len:  # the example may not fit: see the next test
+                continue
             counts[layout] += 1
             if layout == "plain":
                 continue
@@ -106,21 +113,36 @@ def test_transform_statistics_and_exact_text(tok):
     assert hi.mean() == pytest.approx(2 / 3, abs=0.03)
 
 
-def test_eligibility_is_fitting_in_one_context(tok):
-    """A document whose plain rendering fills the context exactly is transformed; one more token
-    and it is left as it is, for every draw."""
+def test_eligibility_is_the_example_fitting_in_one_context(tok):
+    """A document becomes an infilling example only when the example itself, sentinels included,
+    fits in one context: the example is 4 to 6 ids longer than the plain rendering (3 sentinels,
+    <EOT>, and re-encoding at the cuts), so with 3 ids to spare no draw fits, with 4 most do, and
+    the ones that do not are the plain rendering, never a longer example."""
     text = "".join(f"x{i} = {i}\n" for i in range(200))
     ids = tok.encode(text)
-    seq_len = len(ids) + 2
-    transform = fim(tok, seq_len, rate=1.0)
     doc = Document(np.array(ids), "python", tok.decode)
-    assert all(parse(tok, transform(doc, np.random.default_rng(s))[0], text)[0] != "plain"
-               for s in range(20))
-    short = fim(tok, seq_len - 1, rate=1.0)
+    plain = bos_eos(tok)(doc, None)[0]
+    for extra, fim_share in ((3, (0, 0)), (4, (0.5, 0.95)), (12, (1, 1))):
+        seq_len = len(plain) + extra
+        transform, n_fim = fim(tok, seq_len, rate=1.0), 0
+        for seed in range(40):
+            out, _, whole = transform(doc, np.random.default_rng(seed))
+            assert len(out) <= seq_len
+            layout = parse(tok, out, text)[0]
+            assert whole == (layout != "plain")
+            n_fim += layout != "plain"
+            if layout == "plain":
+                assert np.array_equal(out, plain)
+        assert fim_share[0] <= n_fim / 40 <= fim_share[1], (extra, n_fim)
+    short = fim(tok, len(plain) - 1, rate=1.0)
     for s in range(20):
-        assert np.array_equal(short(doc, np.random.default_rng(s))[0], bos_eos(tok)(doc, None)[0])
+        assert np.array_equal(short(doc, np.random.default_rng(s))[0], plain)
     assert all(parse(tok, fim(tok, 4096, rate=0.0)(doc, np.random.default_rng(s))[0], text)[0]
                == "plain" for s in range(20))
+    # --no-fim-whole-docs: the same examples, packed like any document
+    loose = fim(tok, 4096, rate=1.0, whole_docs=False)(doc, np.random.default_rng(0))
+    assert np.array_equal(loose[0], fim(tok, 4096, rate=1.0)(doc, np.random.default_rng(0))[0])
+    assert loose[2] is False
 
 
 def test_training_examples_start_with_the_inference_prompt(tok):
@@ -173,9 +195,10 @@ def test_fim_stream_is_deterministic_resumable_and_trains_on_eot(tok, tmp_path):
     resumed.load_state_dict(state)
     for (xa, ya), (xr, yr) in zip(first, (resumed.next() for _ in range(30))):
         assert np.array_equal(xa, xr) and np.array_equal(ya, yr)
-    ys = np.concatenate([y for _, y in first])
+    xs, ys = np.concatenate([x for x, _ in first]), np.concatenate([y for _, y in first])
     assert (ys == tok.eot_id).sum() > 10 and (ys == tok.middle_id).sum() > 10
-    assert not (ys == IGNORE).any()
+    # only padding is not a target: what follows an example's EOS, where it did not fit
+    assert (xs[ys == IGNORE] == tok.eos_id).all() and 0 < (ys == IGNORE).mean() < 0.2
     # 60 documents, 4 rows: 30 steps of 512 tokens run through several epochs, and a document's
     # cut points are drawn anew in each (the rng is seeded by its position in the stream)
     assert a.epochs()[0] > 2
@@ -184,6 +207,151 @@ def test_fim_stream_is_deterministic_resumable_and_trains_on_eot(tok, tmp_path):
     doc = Document(corpus.tokens(d), "python", tok.decode)
     draws = {tuple(fim(tok, 4096, rate=1.0)(doc, rng)[0]) for rng in (rng0, a._doc_at(0, later)[1])}
     assert len(draws) == 2
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tok, tmp_path_factory):
+    """Real code: the standard library's json, email and asyncio packages, each file cut where a
+    top-level or nested def/class starts (as bench/fim_vs_ar.py does), so that at 256 tokens
+    most documents fit in one context (and can become infilling examples) and some do not."""
+    folder = tmp_path_factory.mktemp("stdlib")
+    with open(folder / "pieces.jsonl", "w") as f:
+        for path in sorted([*(STDLIB / "json").rglob("*.py"), *(STDLIB / "email").rglob("*.py"),
+                            *(STDLIB / "asyncio").rglob("*.py")]):
+            for piece in re.split(r"\n(?=[ \t]*(?:async[ \t]+)?(?:def|class)[ \t])",
+                                  path.read_text()):
+                if piece.strip():
+                    f.write(json.dumps({"text": piece + "\n", "lang": "python"}) + "\n")
+    prepare([folder / "pieces.jsonl"], tok.path, folder / "data", progress=False)
+    return Corpus(folder / "data")
+
+
+def fim_stream(tok, corpus, transform=None, rows=6, seq_len=256, row_range=None):
+    return Batches([corpus], [1.0], seq_len, rows, seed=5, tok=tok,
+                   transform=transform or fim(tok, seq_len), row_range=row_range)
+
+
+def examples_in(tok, x, y):
+    """(whole infilling examples, rows where one is cut) of a batch. A row's window is its
+    inputs and its last target; an example lies whole in it when its BOS, its sentinels
+    <PRE> <SUF> <MID> <EOT> in this order and its closing EOS are all in the window."""
+    sentinels = [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id]
+    n_whole = n_cut = 0
+    for xr, yr in zip(x, y):
+        ids = np.append(xr, yr[-1])
+        pos = np.flatnonzero(np.isin(ids, sentinels))
+        groups = len(pos) // 4
+        ok = (ids[pos].tolist() == sentinels * groups
+              and all(p > 0 and ids[p - 1] == tok.bos_id for p in pos[0::4])
+              and all(p + 1 < len(ids) and ids[p + 1] == tok.eos_id for p in pos[3::4]))
+        n_whole += groups if ok else 0
+        n_cut += not ok
+    return n_whole, n_cut
+
+
+def test_infilling_examples_never_cross_a_context_boundary(tok, stdlib_corpus):
+    """300 batches of real files at 256 tokens: every infilling example lies whole in one
+    context; packed back to back (--no-fim-whole-docs) a third of them would not. The stream is
+    the same split over 1, 2 or 4 processes' rows and resumes exactly; padding is counted."""
+    rows = 8
+    b = fim_stream(tok, stdlib_corpus, rows=rows)
+    ranks = {w: [fim_stream(tok, stdlib_corpus, rows=rows,
+                            row_range=range(r * rows // w, (r + 1) * rows // w))
+                 for r in range(w)] for w in (2, 4)}
+    n_whole = pad = 0
+    for step in range(300):
+        x, y = b.next()
+        whole, cut = examples_in(tok, x, y)
+        assert cut == 0, f"batch {step}: an infilling example crosses a context boundary"
+        n_whole += whole
+        pad += b.packing[2]
+        assert (b.packing[2] > 0) == (y == IGNORE).any()  # padding is never a target
+        for w, parts in ranks.items():
+            got = [r.next() for r in parts]
+            assert np.array_equal(np.concatenate([g[0] for g in got]), x)
+            assert np.array_equal(np.concatenate([g[1] for g in got]), y)
+        if step == 149:
+            state = json.loads(json.dumps(b.state_dict()))
+            later = fim_stream(tok, stdlib_corpus, rows=rows)
+            later.load_state_dict(state)
+    assert n_whole > 1000  # most of these files fit: 90% of them are examples
+    assert 0.02 < pad / (300 * rows * 256) < 0.3  # the cost of keeping them whole
+    replay = fim_stream(tok, stdlib_corpus, rows=rows)
+    for _ in range(300):
+        want = replay.next()
+    for _ in range(150):
+        got = later.next()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    loose = fim_stream(tok, stdlib_corpus, fim(tok, 256, whole_docs=False), rows=rows)
+    cut = sum(examples_in(tok, *loose.next())[1] for _ in range(100))
+    print(f"\n{n_whole} infilling examples in 300 batches, none cut; padding "
+          f"{100 * pad / (300 * rows * 256):.1f}% of the tokens; packed back to back, "
+          f"{cut} of {100 * rows} rows cut one")
+    assert cut > 100 and loose.packing[2] == 0
+
+
+@pytest.fixture
+def no_hang():
+    """Fails a test that waits more than a minute instead of letting it hang the suite."""
+    def expire(*_):
+        raise TimeoutError("the test waited more than 60 s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_loader_workers_build_the_same_batches_and_resume_exactly(tok, stdlib_corpus, no_hang):
+    ref = fim_stream(tok, stdlib_corpus)
+    want = [(*ref.next(), ref.packing, json.dumps(ref.state_dict())) for _ in range(40)]
+    for n in (1, 2, 4):
+        b = fim_stream(tok, stdlib_corpus)
+        loader = LoaderWorkers(b, n)
+        assert len(loader.procs) == n
+        for x, y, packing, state in want[:25]:
+            gx, gy = loader.next()
+            assert np.array_equal(gx, x) and np.array_equal(gy, y) and b.packing == packing
+            assert json.dumps(b.state_dict()) == state  # the position of the last batch handed
+        loader.close()
+        assert not any(p.is_alive() for p in loader.procs)
+        resumed = fim_stream(tok, stdlib_corpus)  # a resume from the checkpoint of step 25
+        resumed.load_state_dict(json.loads(json.dumps(b.state_dict())))
+        loader = LoaderWorkers(resumed, n)
+        for x, y, packing, state in want[25:]:
+            gx, gy = loader.next()
+            assert np.array_equal(gx, x) and np.array_equal(gy, y)
+        assert json.dumps(resumed.state_dict()) == want[-1][3]
+        loader.close()
+    assert len(LoaderWorkers(fim_stream(tok, stdlib_corpus, rows=2), 8).procs) == 2  # <= rows
+
+
+def test_a_dead_loader_worker_stops_the_loop_with_a_clear_error(tok, stdlib_corpus, no_hang):
+    loader = LoaderWorkers(fim_stream(tok, stdlib_corpus), 2)
+    loader.next()
+    victim = loader.procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=rf"worker 1 \(pid {victim.pid}\) died \(killed by "
+                                           r"signal 9\) while building batch \d+"):
+        for _ in range(10):  # a batch it finished before dying may still be in the pipe
+            loader.next()
+    assert not any(p.is_alive() for p in loader.procs)  # the other worker is stopped too
+
+
+def test_a_failing_loader_worker_sends_its_traceback(tok, stdlib_corpus, no_hang):
+    transform, calls = fim(tok, 256), [0]
+
+    def breaks_on_the_tenth_document(doc, rng):
+        calls[0] += 1  # counted in each worker's own copy
+        if calls[0] == 10:
+            raise ValueError("a document the transform cannot take")
+        return transform(doc, rng)
+
+    loader = LoaderWorkers(fim_stream(tok, stdlib_corpus, breaks_on_the_tenth_document), 2)
+    with pytest.raises(RuntimeError, match=r"(?s)worker 0 failed on batch \d+:.*ValueError: a "
+                                           "document the transform cannot take"):
+        for _ in range(20):
+            loader.next()
 
 
 def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
@@ -217,6 +385,38 @@ def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
         text = f.read_text()
         assert new.encode(text) == old.encode(text) and new.decode(new.encode(text)) == text
     assert len(format_infill(new, "a", "b")) == 6
+
+
+def test_train_infill_extends_smollm2(smollm2_dir, tmp_path):
+    """--init SmolLM2 (byte-level BPE, 49,152 ids, tied embeddings): the run adds the four tokens
+    as special tokens 49152-49155, grows the embeddings, and exports a folder that transformers
+    loads with them and computes the same logits from."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train_infill.py", "--init", str(smollm2_dir),
+                        "--data", str(STDLIB / "json"), "--out", str(out), "--steps", "1",
+                        "--seq-len", "128", "--batch-tokens", "256", "--micro-batch", "2",
+                        "--lr", "1e-3", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "extended from 49,152 to 49,156 ids (added special tokens)" in r.stdout
+    assert "embeddings grow from 49,152 to 49,156 rows" in r.stdout
+    hf_dir = out / "hf"
+    assert json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 49156
+    tok = Tokenizer.from_pretrained(hf_dir)
+    assert (tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id) == (49152, 49153, 49154,
+                                                                         49155)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = format_infill(tok, "def f(x):\n    return ", "\n")
+    assert hf_tok.convert_tokens_to_ids(["▁<PRE>", "▁<EOT>"]) == [49152, 49155]
+    assert hf_tok.decode(ids) == "▁<PRE>def f(x):\n    return ▁<SUF>\n▁<MID>"
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ours = Transformer.from_pretrained(hf_dir)
+    with torch.no_grad():
+        want = ours(torch.tensor([ids]))
+        got = model(torch.tensor([ids])).logits
+    assert got.shape[-1] == 49156 and torch.allclose(got, want, atol=1e-3)
 
 
 @pytest.fixture(scope="module")

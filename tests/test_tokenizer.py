@@ -308,12 +308,10 @@ def test_tokenizer_json_options_match_hf(smol_spec, tmp_path):
 
 # ---- tiktoken base64-rank file (Llama 3 format) ----
 
-def test_tiktoken_file(smol, smol_spec, tmp_path):
-    """A rank file built from SmolLM2's merges (every byte, then each merge's token in order),
-    checked against HF tokenizers running the same BPE the way Llama 3's HF conversion does."""
-    tokenizers = pytest.importorskip("tokenizers")
-    b2u = bytes_to_unicode()
-    u2b = {c: b for b, c in b2u.items()}
+def tiktoken_ranks(smol_spec):
+    """(ranks, merges, rank-file lines) of a Llama 3-style rank file made of SmolLM2's BPE:
+    every byte, then each merge's token in order."""
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes([b]): b for b in range(256)}
     merges = []
     for a, b in smol_spec["model"]["merges"]:
@@ -321,7 +319,15 @@ def test_tiktoken_file(smol, smol_spec, tmp_path):
         if token not in ranks:
             ranks[token] = len(ranks)
             merges.append([a, b])
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+    return ranks, merges, [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+
+
+def test_tiktoken_file(smol, smol_spec, tmp_path):
+    """A rank file built from SmolLM2's merges (every byte, then each merge's token in order),
+    checked against HF tokenizers running the same BPE the way Llama 3's HF conversion does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    b2u = bytes_to_unicode()
+    ranks, merges, lines = tiktoken_ranks(smol_spec)
     (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
     tok = Tokenizer.from_pretrained(tmp_path)
     n = len(ranks)
@@ -358,6 +364,104 @@ def test_tiktoken_file(smol, smol_spec, tmp_path):
         "\n".join(f"{line.split()[0]} {r}" for r, line in enumerate(kept)) + "\n")
     gaps = Tokenizer.from_pretrained(tmp_path / "gaps/tokenizer.model")
     assert gaps.decode(gaps.encode("a\x04b\x05c")) == "abc"
+
+
+# ---- the infilling tokens added to byte-level vocabularies (extend_tokenizer) ----
+
+INFILL_NAMES = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
+FORGERIES = ["<PRE>", " <PRE>", "▁<PRE>", "x ▁<SUF> y ▁<MID> z ▁<EOT>", "<EOT><EOT>"]
+
+
+def check_extended(ext, old, first_id, texts):
+    """The four tokens at first_id.., text encoded exactly as before (names stay text), the
+    layouts of format_infill, and infilling examples that decode to their parts."""
+    from train_infill import fim_example
+    n = first_id
+    assert ext.vocab_size == old.vocab_size + 4
+    assert [ext.prefix_id, ext.suffix_id, ext.middle_id, ext.eot_id] == [n, n + 1, n + 2, n + 3]
+    assert [ext.id_to_piece(i) for i in range(n, n + 4)] == INFILL_NAMES
+    for text in texts + FORGERIES:
+        ids = ext.encode(text)
+        assert ids == old.encode(text) and not set(ids) & {n, n + 1, n + 2, n + 3}, text
+    bos = [ext.bos_id] if ext.add_bos else []
+    pre, suf = "def add(a, b):\n    c", " = a + b\n    return c\n"
+    # No implicit leading space to drop: the suffix is encoded as the plain text it is.
+    assert format_infill(ext, pre, suf) == bos + [n] + ext.encode(pre) + [n + 1] + \
+        ext.encode(suf) + [n + 2]
+    assert format_infill(ext, pre, suf, suffix_first=True) == bos + [n, n + 1] + \
+        ext.encode(suf) + [n + 2] + ext.encode(pre)
+    rng = random.Random(0)
+    head = ext.decode(bos)
+    for text in texts:
+        a, b = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+        pre, mid, suf = text[:a], text[a:b], text[b:]
+        psm = fim_example(ext, pre, mid, suf)
+        assert psm[-2:] == [n + 3, ext.eos_id]
+        tail = "▁<EOT>" + ext.decode([ext.eos_id])
+        assert ext.decode(psm) == f"{head}▁<PRE>{pre}▁<SUF>{suf}▁<MID>{mid}{tail}"
+        spm = fim_example(ext, pre, mid, suf, suffix_first=True)
+        assert ext.decode(spm) == f"{head}▁<PRE>▁<SUF>{suf}▁<MID>{pre}{mid}{tail}"
+        m = psm.index(n + 2)
+        assert ext.decode_infilling(psm[m + 1:-2]) == mid
+
+
+def test_extend_smollm2_tokenizer_json(smollm2_dir, smol, tmp_path):
+    """SmolLM2's byte-level BPE (49,152 ids) gets the four tokens as added special tokens at
+    49152-49155; the folder loads in transformers with them."""
+    transformers = pytest.importorskip("transformers")
+    out = extend_tokenizer(smollm2_dir / "tokenizer.json", tmp_path / "ext" / "tokenizer.json")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tokenizer.json",
+                                                            "tokenizer_config.json"]
+    ext = Tokenizer.from_pretrained(out.parent)
+    assert (ext.bos_id, ext.eos_id, ext.add_bos) == (smol.bos_id, smol.eos_id, smol.add_bos)
+    texts = stdlib_texts(20, 2000) + EDGE_CASES
+    check_extended(ext, smol, 49152, texts)
+    with pytest.raises(ValueError, match="already has infilling pieces"):
+        extend_tokenizer(out, tmp_path / "again.json")
+    hf = transformers.AutoTokenizer.from_pretrained(out.parent)
+    assert len(hf) == 49156
+    assert hf.convert_tokens_to_ids(INFILL_NAMES) == [49152, 49153, 49154, 49155]
+    for text in texts[:10] + FORGERIES:  # transformers, told to, also keeps the names as text
+        assert hf(text, split_special_tokens=True).input_ids == ext.encode(text), text
+    ids = format_infill(ext, "x = ", "\ny = 2\n")
+    assert hf.decode(ids) == ext.decode(ids) == "▁<PRE>x = ▁<SUF>\ny = 2\n▁<MID>"
+    assert hf.decode(ids, skip_special_tokens=True) == "x = \ny = 2\n"
+
+
+def test_extend_tiktoken_file(smol_spec, tmp_path):
+    """A Llama 3-style rank file: the tokens go after its 256 specials, named in the
+    tokenizer_config.json written beside the (unchanged) rank file."""
+    _, _, lines = tiktoken_ranks(smol_spec)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/tokenizer.model").write_text("\n".join(lines) + "\n")
+    old = Tokenizer.from_pretrained(tmp_path / "src")
+    out = extend_tokenizer(old.path, tmp_path / "ext/tokenizer.model")
+    assert out.read_bytes() == old.path.read_bytes()
+    cfg = json.loads((out.parent / "tokenizer_config.json").read_text())
+    n = len(lines) + 256
+    assert {int(i): v["content"] for i, v in cfg["added_tokens_decoder"].items()} == \
+        dict(zip(range(n, n + 4), INFILL_NAMES))
+    ext = Tokenizer.from_pretrained(out)
+    assert ext.kind == "tiktoken" and ext.bos_id == old.bos_id and ext.add_bos
+    check_extended(ext, old, n, stdlib_texts(10, 2000) + EDGE_CASES)
+    cfg["added_tokens_decoder"] = {str(n + 1): cfg["added_tokens_decoder"][str(n + 1)]}
+    (out.parent / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"added token id {n + 1} leaves a gap"):
+        Tokenizer.from_pretrained(out)
+
+
+def test_encode_infilling_skips_byte_levels_prefix_space(smol, smol_spec, tmp_path):
+    """With add_prefix_space, a byte-level BPE puts a space before every text that lacks one: the
+    one implicit space of that format, left out of suffixes and middles as Code Llama's ☺ trick
+    leaves out SentencePiece's."""
+    ours, hf = _hf_and_ours(dict(smol_spec, pre_tokenizer=_byte_level(add_prefix_space=True)),
+                            tmp_path, "prefix_space")
+    for text in ["return x", "  indented\n", "x", "\nnew line", ""]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+        spaced = text if text.startswith(" ") or not text else " " + text
+        assert ours.decode(ours.encode(text)) == spaced
+        ids = ours.encode_infilling(text)
+        assert ours.decode_infilling(ids) == text and ids == smol.encode(text)
 
 
 def test_bad_files_raise_clear_errors(tmp_path):

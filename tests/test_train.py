@@ -153,6 +153,21 @@ def test_sigkill_mid_run_resumes_to_the_same_losses(flags, reference, data, tmp_
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
 
 
+def test_loader_workers_give_the_same_run_and_resume_it(flags, reference, data, tmp_path):
+    """--loader-workers 2: batches built by two forked processes give the reference losses; killed
+    mid-run and started again (with workers), the run resumes to the same losses."""
+    cmd = command(flags, data, tmp_path, "--loader-workers", "2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metrics.jsonl"
+    wait_for(proc, lambda: log.exists() and log.read_bytes().count(b"\n") >= 6, "step 6", 0.05)
+    proc.send_signal(signal.SIGKILL)  # the workers see their pipes close and exit
+    proc.wait()
+    r = run(cmd)
+    assert "resumed from" in r.stdout and "padding: 0.00% of this session's tokens" in r.stdout
+    assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(flags, reference, data,
                                                                         tmp_path):
     ckpt = tmp_path / "ckpt"
