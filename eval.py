@@ -181,6 +181,9 @@ def humaneval_model(args):
         writer = JsonlWriter(samples_path)
         try:
             run_items("humaneval", todo, work, writer, backend.concurrency)
+        except backends.ServerError as e:  # the problems finished before it are on disk
+            raise SystemExit(f"error: humaneval stopped: {e}; the finished problems are kept in "
+                             f"{samples_path}, a rerun resumes") from None
         finally:
             writer.close()
         done = {r["task_id"]: r for r in read_jsonl(samples_path)}

@@ -31,7 +31,8 @@ Models: `--backend local --ckpt DIR` runs a checkpoint through model.py + sample
 cache; the 10 solutions of a question are 10 rows of one batch) with prompts in the checkpoint's
 own chat layout (Llama 2 [INST], or ChatML when the tokenizer has <|im_start|>, as SmolLM2's
 has). `--backend openai --base-url URL --model NAME` posts to an OpenAI-compatible /completions
-endpoint (a vLLM server), the prompt rendered in `--chat-format`, `--concurrency` requests at once.
+endpoint (vLLM, `transformers serve`, llama.cpp's server), the prompt rendered in `--chat-format`,
+`--concurrency` requests at once; a server that ignores n is topped up one request at a time.
 The paper uses a bigger model for questions than for tests and solutions: run `--stage questions`
 with one model, then the later stages with another.
 
@@ -732,18 +733,22 @@ def main(argv=None):
         t0 = time.monotonic()
         if stage in ("questions", "tests", "solutions"):
             backend = backend or backends.make_backend(args)  # loaded once for all model stages
-        if stage == "questions":
-            stage_questions(args, backend)
-        elif stage == "dedup":
-            stage_dedup(args)
-        elif stage == "tests":
-            stage_tests(args, backend)
-        elif stage == "solutions":
-            stage_solutions(args, backend)
-        elif stage == "execute":
-            stage_execute(args)
-        else:
-            stage_records(args)
+        try:
+            if stage == "questions":
+                stage_questions(args, backend)
+            elif stage == "dedup":
+                stage_dedup(args)
+            elif stage == "tests":
+                stage_tests(args, backend)
+            elif stage == "solutions":
+                stage_solutions(args, backend)
+            elif stage == "execute":
+                stage_execute(args)
+            else:
+                stage_records(args)
+        except backends.ServerError as e:  # the rows finished before it are on disk
+            raise SystemExit(f"error: stage {stage} stopped: {e}; its finished rows are kept in "
+                             f"{out_file(args, stage)}, a rerun resumes") from None
         print(f"stage {stage}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
