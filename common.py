@@ -10,8 +10,8 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -19,25 +19,38 @@ from pathlib import Path
 
 def write_atomic(path, data):
     """Write `data` (str, bytes, or a function that writes a given path) to `path` atomically: into
-    a temporary file of the same folder, then renamed over `path`. Returns `path`."""
+    a temporary file of the same folder, then renamed over `path`. Returns `path`. The file gets
+    the modes the umask gives, as open() would (mkstemp's would be private, 0600: a run on a
+    shared disk, or a folder served by another user, must stay readable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # unique
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                f.close()
-                data(Path(tmp))
-            else:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "xb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def umask_mode(mode):
+    """`mode` less the process's umask: the mode open() and mkdir() give a new file or folder.
+    Read from /proc where it can be (os.umask can only read it by setting it, which another
+    thread creating a file at that moment would feel)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mode & ~mask
 
 
 def save_figure(fig, path):

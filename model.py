@@ -15,8 +15,8 @@ conversion script does (skipping it does not crash: the model just gets quietly 
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,10 +365,13 @@ class Transformer(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from common import umask_mode
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         out_dir = Path(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)) \
-            if rank == 0 else None
+        tmp = None
+        if rank == 0:  # mkdir, not mkdtemp (0700): the folder gets the modes the umask gives
+            tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+            tmp.mkdir()
         shards, current, size, names = [], {}, 0, _hf_names(self.args)
 
         def flush():
@@ -376,6 +379,7 @@ class Transformer(nn.Module):
             if current and rank == 0:
                 fname = f"shard-{len(shards):05d}.safetensors"
                 save_file(current, str(tmp / fname), metadata={"format": "pt"})
+                os.chmod(tmp / fname, umask_mode(0o666))  # safetensors writes it 0600
                 shards.append((fname, list(current)))
             current, size = {}, 0
 

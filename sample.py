@@ -113,8 +113,11 @@ def load(ckpt, dtype=None, device="cpu"):
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise SystemExit(f"error: checkpoint folder {ckpt} does not exist")
-    model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
-    tok = Tokenizer.from_pretrained(ckpt)
+    try:  # a truncated or corrupt file, a bad config.json, no tokenizer: one line naming it
+        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
+        tok = Tokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: {ckpt}: the tokenizer has {tok.vocab_size} tokens but the model "
                          f"only {model.args.vocab_size} embeddings (was the model resized after "
