@@ -217,8 +217,9 @@ def load_hf(model: Transformer, folder: Path):
     device, through from_pretrained's loop (model.load_weights). Embedding rows beyond the
     checkpoint's vocabulary (tokens a stage added) start at the mean row, as in resize_vocab."""
     params = dict(model.named_parameters())
+    vocab = args_from_hf_config(folder / "config.json")[0].vocab_size
     load_weights(params, hf_tensors(folder), folder,
-                 lambda name, t: _copy_full(params[name], t.float()), grow=True)
+                 lambda name, t: _copy_full(params[name], t.float()), grow=vocab)
 
 
 def build_model(args, tok, d: Dist, resuming: bool) -> Transformer:
