@@ -16,6 +16,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -360,6 +361,7 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
             examples[reason] = (examples.get(reason, []) + s["examples"][reason])[:3]
         for lang, n in zip(s["languages"], s["language_documents"]):
             languages[lang] = languages.get(lang, 0) + n
+    examples = {reason: [line_location(w) for w in where] for reason, where in examples.items()}
     meta = {**header, "complete": True, "shards": shards,
             "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "skipped": skipped,
@@ -368,13 +370,35 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
     return meta
 
 
+def line_location(where: str) -> str:
+    """"PATH (byte N)", where a JSONL record starts, as "PATH:LINE" (workers read byte ranges and
+    cannot count lines; this reads the file up to that byte, for the few examples kept)."""
+    m = re.fullmatch(r"(.*) \(byte (\d+)\)", where)
+    if not m:
+        return where
+    path, at = m.group(1), int(m.group(2))
+    lines = 1
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        while at > 0:
+            block = f.read(min(at, 1 << 20))
+            if not block:
+                break
+            lines, at = lines + block.count(b"\n"), at - len(block)
+    return f"{path}:{lines}"
+
+
 def summary(meta: dict) -> str:
-    skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(meta["skipped"].items())) or "none"
-    langs = ", ".join(f"{k or '?'} {v:,}" for k, v in sorted(meta["languages"].items(),
-                                                            key=lambda kv: -kv[1])[:8])
+    """One line: counts, the skipped documents by reason with where the first ones are, and the
+    documents per language (files: by extension; records: their "lang"/"language" field)."""
+    examples = meta.get("skipped_examples", {})
+    skipped = ", ".join(f"{k} {v:,}" + (f" ({', '.join(examples[k])}{', ...' if v > 3 else ''})"
+                                        if examples.get(k) else "")
+                        for k, v in sorted(meta["skipped"].items())) or "none"
+    langs = ", ".join(f"{k or 'not given'} {v:,}"
+                      for k, v in sorted(meta["languages"].items(), key=lambda kv: -kv[1])[:8])
     return (f"{meta['documents']:,} documents, {meta['tokens']:,} tokens in "
             f"{len(meta['shards'])} shards ({meta['dtype']}); skipped: {skipped}; "
-            f"languages: {langs or 'none'}")
+            f"documents per language: {langs or 'none'}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -673,19 +697,27 @@ CHAT_LANG = "chat"
 
 
 def is_dialogs(path) -> bool:
-    """Whether `path` is a chat source: a .jsonl(.gz) file whose first record holds "messages"."""
+    """Whether `path` is a chat source: a .jsonl(.gz) file whose first valid record (a JSON object)
+    holds "messages". Lines before it that are not are skipped here, and counted by the reader, as
+    bad lines later in the file are; a file without any valid record is an error."""
     path = Path(path)
     name = path.name.lower()
     if not path.is_file() or not name.endswith((".jsonl", ".jsonl.gz")):
         return False
+    first_bad = None
     with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except ValueError:  # JSONDecodeError, or UnicodeDecodeError on bytes
-                    raise ValueError(f"{path}:{lineno}: not a JSON record: {line[:60]!r}") from None
-                return isinstance(record, dict) and "messages" in record
+                    record = None
+                if isinstance(record, dict):
+                    return "messages" in record
+                first_bad = first_bad or (lineno, line)
+    if first_bad:
+        raise ValueError(f"{path}:{first_bad[0]}: not a JSON record: {first_bad[1][:60]!r}, nor "
+                         "is any other line")
     return False
 
 
