@@ -239,7 +239,8 @@ def add_flags(p, kinds, device):
                    help="; ".join(f"{k}: {BACKENDS[k]}" for k in kinds))
     p.add_argument("--model", help="model name the server knows (--backend openai)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
-    p.add_argument("--device", default=device)
+    p.add_argument("--device", default=device,
+                   help="cpu, cuda, cuda:1, ... (--backend local or hf)")
     p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
                    "backend; minutes once, then faster: sample.py --compile)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")

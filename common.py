@@ -1,11 +1,13 @@
 """What the scripts share around the model: atomic file writes (figures too), append-only JSONL,
-per-item seeds and a runner that works through items and appends one row per finished item.
+per-item seeds, a runner that works through items and appends one row per finished item, and how
+every script's --help reads.
 
 A file is written whole or not at all (a temporary file beside it, then a rename), so a crash never
 leaves a half-written result for a rerun to trust. A long job (self-instruct's stages, HumanEval's
 samples) appends one JSON row per finished item, flushed and fsynced, and a rerun skips the items
 already in its file: a crash loses at most the items in flight.
 """
+import argparse
 import fcntl
 import hashlib
 import json
@@ -166,3 +168,23 @@ def run_items(name, items, work, writer, concurrency):
                 writer.write(f.result())
     if error is not None:
         raise error
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every script: the docstring's layout kept, and "(default: X)" after every flag's
+    help, unless the flag is required or its help already says what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or action.required or not action.option_strings
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first line above the flags, the rest of it (the example
+    commands) below them, where --help ends."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    return argparse.ArgumentParser(description=first, epilog=rest.strip("\n") or None,
+                                   formatter_class=HelpFormatter)

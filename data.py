@@ -9,7 +9,6 @@ and the prompt layouts in prompts.py; their public names stay importable from he
 
     from data import Tokenizer, format_infill, format_chat
 """
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_atomic
+from common import HelpFormatter, script_parser, write_atomic
 from prompts import RESERVED_TAGS, check_dialog, dialog_tokens
 # The tokenizer and the prompt layouts, importable from here too (they used to live here).
 from prompts import format_chat, format_infill  # noqa: F401
@@ -822,11 +821,23 @@ class Dialogs:
 # Command line
 
 
+PREPARE_DOC = """Tokenize a data source once, into shards for training (train_*.py also does it
+itself for a raw --data, into OUT/data).
+
+    python data.py prepare --data data/raw/code --tokenizer Llama-2-7b-hf/tokenizer.model \\
+        --out data/code
+    python data.py prepare --data /usr/share/doc --ext md,rst --tokenizer runs/longctx-tiny/hf \\
+        --out runs/data/nl
+"""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a data source once, into shards for training")
+    p = script_parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("prepare", help="tokenize source files / JSONL / Parquet into shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q = sub.add_parser("prepare", help=PREPARE_DOC.split("\n")[0],
+                       description=PREPARE_DOC.split("\n")[0],
+                       epilog=PREPARE_DOC.partition("\n")[2].strip("\n"),
+                       formatter_class=HelpFormatter)
     q.add_argument("--data", nargs="+", required=True,
                    help="directories of source files, .jsonl(.gz) or .parquet files: one source")
     q.add_argument("--tokenizer", required=True, help="tokenizer file or checkpoint folder")
@@ -838,9 +849,12 @@ def main(argv=None):
                         "Python only; None: all in data.EXTENSIONS")
     q.add_argument("--text-field", nargs="+", default=["content", "text"],
                    help="JSONL/Parquet fields holding the text, the first present is used")
-    q.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
-    q.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
-    q.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    q.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                   help="larger files are skipped unread (too_large)")
+    q.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS,
+                   help="a document with a longer line is skipped (long_line: minified or data)")
+    q.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS,
+                   help="a document whose lines are longer on average is skipped")
     args = p.parse_args(argv)
     extensions = None
     if args.ext:

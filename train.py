@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from common import script_parser
 from data import IGNORE, Batches, Corpus, Dialogs, is_dialogs, is_prepared, prepare, summary
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
                    load_weights, parallelize)
@@ -56,8 +57,7 @@ PEAK_FLOPS = {"H200": (989e12, 67e12), "H100 PCIe": (756e12, 51e12), "H100": (98
 def parser(**defaults) -> argparse.ArgumentParser:
     """The engine's flags. A stage passes its paper values as `defaults`; --steps, --seq-len,
     --batch-tokens and --lr have no engine default: a stage sets them or the user must."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(sys.modules["__main__"].__doc__)  # the stage script's docstring
     known = set()
 
     def a(*flags, **kw):
@@ -85,9 +85,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     # (Llama 2 paper, sec. 2.2), not restated for Code Llama
     a("--warmup", type=int, default=1000, help="linear warm-up steps")
     a("--final-lr-frac", type=float, default=1 / 30, help="cosine decay ends at this times --lr")
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--eps", type=float, default=1e-5)
+    a("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    a("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
+    a("--eps", type=float, default=1e-5, help="AdamW's epsilon")
     a("--weight-decay", type=float, default=0.1, help="on matrices only (not norm gains)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--seed", type=int, default=0, help="model init, data order, transforms")
