@@ -1,5 +1,5 @@
-"""Every script's --help (common.script_parser): every flag with its help and its default, and at the end the script's
-docstring with its example commands."""
+"""Every script's --help (common.script_parser): every flag with its help and its default, and at
+the end the script's docstring with its example commands."""
 import argparse
 import ast
 import runpy
