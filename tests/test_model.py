@@ -345,3 +345,27 @@ def test_every_bad_checkpoint_folder_is_one_line(tmp_path, tokenizer):
                        text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'truncated'}")
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o077, 0o600, 0o700)])
+def test_written_files_get_the_modes_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    """The atomic writes (common.write_atomic: text, bytes, a writer function) and an exported
+    checkpoint folder (save_pretrained; safetensors alone would make its files 0600) get the modes
+    open() and mkdir() would: readable by others under umask 022, private under 077."""
+    import os
+
+    from common import write_atomic
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "a.txt", "text")
+        write_atomic(tmp_path / "b.bin", b"bytes")
+        write_atomic(tmp_path / "c.txt", lambda p: p.write_text("written by a function"))
+        random_model(4, 2, 1e4, False).save_pretrained(tmp_path / "hf", shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    files = [tmp_path / n for n in ("a.txt", "b.bin", "c.txt")] + list((tmp_path / "hf").iterdir())
+    assert len(files) > 6 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: file_mode for f in files}
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == dir_mode
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries

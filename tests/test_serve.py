@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import common
 import self_instruct as si
 
 for module in ("fastapi", "uvicorn", "openai"):
@@ -88,9 +89,9 @@ def test_self_instruct_every_stage(served, tmp_path, capsys):
              "--concurrency", "2", "--retries", "1", "--timeout", "5"])
     err = capsys.readouterr().err
     assert err.count("ignores n") == 1  # learned once, then one request per solution
-    clean = si.read_jsonl(out / "clean.jsonl")
-    tests = si.read_jsonl(out / "tests.jsonl")
-    sols = si.read_jsonl(out / "solutions.jsonl")
+    clean = common.read_jsonl(out / "clean.jsonl")
+    tests = common.read_jsonl(out / "tests.jsonl")
+    sols = common.read_jsonl(out / "solutions.jsonl")
     assert clean and len(tests) == len(clean)
     assert sols and all(len(r["solutions"]) == len(r["raw"]) == 2 for r in sols)
     assert all(r["raw"][0] != r["raw"][1] for r in sols)  # two requests, two seeds: two samples
@@ -109,7 +110,7 @@ def test_humaneval_samples(served, tmp_path, capsys):
                           "--tasks", "0,2", "--samples", "2", "--temperature", "0.8",
                           "--max-new-tokens", "32", "--k", "1,2", "--out", str(out)]) == 0
     assert "ignores n" in capsys.readouterr().err
-    rows = si.read_jsonl(out / "samples.jsonl")
+    rows = common.read_jsonl(out / "samples.jsonl")
     assert sorted(r["task_id"] for r in rows) == ["HumanEval/0", "HumanEval/2"]
     for r in rows:
         assert len(r["completions"]) == 2
