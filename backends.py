@@ -172,6 +172,7 @@ class OpenAIBackend:
             reply = self.post(body)
             try:
                 choices = sorted(reply["choices"], key=lambda c: c["index"])
+                # servers that honour `stop` leave the string out; cut again for those that don't
                 got = [finish(c["text"], stop, c.get("finish_reason") != "length")
                        for c in choices]
             except (KeyError, TypeError, AttributeError) as e:
