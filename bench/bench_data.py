@@ -7,7 +7,6 @@ Target: a loader process must outrun the ~10k tokens/s one H100 consumes trainin
     python bench/bench_data.py [--tokenizer ../shared/data/llama2/tokenizer.model] [--seconds 5]
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -48,9 +47,12 @@ def loader_rate(corpora, tok, transform, seconds, seq_len=4096, rows=64):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"))
-    p.add_argument("--seconds", type=float, default=5.0)
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"),
+                   help="the tokenizer both sides encode with")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="time per measurement")
     args = p.parse_args()
     tok = Tokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:

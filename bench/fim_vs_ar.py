@@ -89,7 +89,6 @@ infills yet (exact match 0.00 in PSM, 0.04 in SPM), so this scale cannot tell. N
 comparison above with --whole-docs on both runs.
 """
 
-import argparse
 import ast
 import hashlib
 import json
@@ -302,8 +301,10 @@ def infill_scores(model, tok, tasks, mode, max_new_tokens):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/fim-vs-ar"))
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/fim-vs-ar"),
+                   help="folder of both runs and the comparison")
     p.add_argument("--corpus", type=Path, nargs="+", default=[STDLIB],
                    help="folders of Python files (default: the standard library)")
     p.add_argument("--corpus-mb", type=float, default=0,
@@ -313,21 +314,29 @@ def main():
     p.add_argument("--vocab-size", type=int, default=2000, help="of the trained tokenizer")
     p.add_argument("--preset", default="tiny", choices=["tiny", "mini"], help="model size (mini: "
                    "23M non-embedding parameters, for a GPU machine)")
-    p.add_argument("--steps", type=int, default=450)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=450,
+                   help="optimizer steps of each run")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per forward pass")
     p.add_argument("--whole-docs", action="store_true",
                    help="never cut a document that fits across two contexts (train.py "
                         "--whole-docs; the rest of a sequence is padding)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=40,
+                   help="linear warm-up steps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model init, data order, task sample")
     p.add_argument("--tasks", type=int, default=200, help="single-line tasks evaluated (a seeded "
                                                           "sample of all)")
     p.add_argument("--eval-windows", type=int, default=128,
                    help="held-out windows of --seq-len tokens for the AR loss")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens generated per infilling task at most")
     p.add_argument("--train-only", action="store_true",
                    help="stop after training: evaluate later, e.g. on another machine (a finished "
                         "run copied into --out with its hf/ and metrics.jsonl is not retrained)")

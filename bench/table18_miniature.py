@@ -19,7 +19,6 @@ pieces the tiny preset would spend most of its time in the embedding and output 
 question here is about positions, not vocabulary.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -88,10 +87,13 @@ def run(cmd, env, log: Path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/table18")
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--out", default="runs/table18",
+                   help="folder of every run and the table")
     p.add_argument("--short-len", type=int, default=128, help="sequence length of `short`")
-    p.add_argument("--short-steps", type=int, default=300)
+    p.add_argument("--short-steps", type=int, default=300,
+                   help="steps of `short`")
     p.add_argument("--long-steps", type=int, default=60, help="steps of each fine-tuning run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step, every run")
     p.add_argument("--lr", type=float, default=2e-3, help="peak LR of `short`")
@@ -105,7 +107,8 @@ def main():
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of the runs (default: torch's choice); on a busy "
                         "machine 1 thread per process can be several times faster than 2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="model init and data order")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sample.py", "eval.py", "self_instruct.py", "data.py", "demo.py", "train_code.py",
-           "train_infill.py", "train_python.py", "train_longctx.py", "train_instruct.py"]
+           "train_infill.py", "train_python.py", "train_longctx.py", "train_instruct.py",
+           *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py"))]
 
 
 class Parsed(Exception):
