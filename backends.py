@@ -1,12 +1,14 @@
 """The model backends that write completions for self-instruct and for HumanEval: a checkpoint run
 by our own model.py and sample.generate (local), transformers' own model as the reference for it
-(hf), or an OpenAI-compatible /completions server such as vLLM (openai).
+(hf), or an OpenAI-compatible /completions server such as vLLM or `transformers serve` (openai).
 
 Each has chat(messages, answer_start, ...) for self-instruct and complete(text, ...) for HumanEval.
 Both return n Completions, each with its text cut before the first stop string (a chat answer's
 text begins with answer_start) and finish = "stop" (a stop string or the end-of-sequence token) or
 "length" (the token limit).
 """
+import http.client
+import itertools
 import json
 import os
 import random
@@ -16,6 +18,7 @@ import urllib.error
 import urllib.request
 from typing import NamedTuple
 
+from common import item_seed
 from prompts import chat_text, format_dialog
 from tokenizer import Tokenizer
 
@@ -120,12 +123,28 @@ class HFBackend(LocalBackend):
         return [finish(self.tok.continuation(prompt_ids)(ids), stop, len(ids) < max_new_tokens)]
 
 
-class OpenAIBackend:
-    """An OpenAI-compatible /completions endpoint (a vLLM server), standard library only.
+class ServerError(RuntimeError):
+    """A request to an OpenAI-compatible server that failed for good: one line naming the
+    server, the request and what came back."""
 
-    429, 5xx, timeouts, dropped connections and unreadable replies are retried with exponential
-    backoff and jitter (Retry-After is honoured); other 4xx errors are the request's fault and
-    fail at once. OPENAI_API_KEY, when set, is sent as a bearer token."""
+
+# The OpenAI API takes at most four stop strings, and vLLM enforces it (HTTP 400 "List should have
+# at most 4 items after validation"): HumanEval has five (eval.py). The first four go to the server,
+# and finish() cuts at all of them here, as it does for servers that ignore `stop`.
+MAX_STOP = 4
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible /completions endpoint (vLLM, `transformers serve`, llama.cpp's server,
+    ...), standard library only.
+
+    n completions: one request asks for n; a server that returns fewer (`transformers serve` and
+    llama.cpp's server return one whatever n says) is topped up with further requests, each with a
+    seed of its own, and a server seen to ignore n is asked for one at a time from then on.
+    Only what can get better is retried, with exponential backoff and jitter: a refused or dropped
+    connection, a timeout, a reply cut short, HTTP 408, 429 and 5xx (Retry-After is honoured).
+    Anything else (another 4xx, a reply that is JSON but not the one asked for) raises ServerError
+    at once. OPENAI_API_KEY, when set, is sent as a bearer token."""
 
     def __init__(self, base_url, model, chat_format="llama2", concurrency=16, retries=6,
                  timeout=600.0, backoff=1.0):
@@ -133,16 +152,52 @@ class OpenAIBackend:
         self.name, self.chat_format = model, chat_format
         self.concurrency, self.retries, self.timeout, self.backoff = (concurrency, retries,
                                                                       timeout, backoff)
+        self.ignores_n = False  # learned from the first reply holding one choice for n > 1
 
     def chat(self, messages, answer_start="", **sampling):
         cs = self.complete(chat_text(messages, self.chat_format, answer_start), **sampling)
         return [c._replace(text=answer_start + c.text) for c in cs]
 
     def complete(self, text, n, temperature, top_p, max_new_tokens, stop, seed):
-        body = {"model": self.name, "prompt": text, "n": n, "max_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed % 2**31}
-        if stop:
-            body["stop"] = list(stop)
+        out = []
+        for request in itertools.count():
+            want = 1 if self.ignores_n else n - len(out)
+            # request 0 keeps the item's seed; a top-up request gets one derived from it, so that
+            # a rerun asks for the same samples
+            s = seed if request == 0 else item_seed(seed, "top-up", request)
+            body = {"model": self.name, "prompt": text, "n": want, "max_tokens": max_new_tokens,
+                    "temperature": temperature, "top_p": top_p, "seed": s % 2**31}
+            if stop:
+                body["stop"] = list(stop[:MAX_STOP])
+            reply = self.post(body)
+            try:
+                choices = sorted(reply["choices"], key=lambda c: c["index"])
+                # servers that honour `stop` leave the string out; cut again for those that don't
+                got = [finish(c["text"], stop, c.get("finish_reason") != "length")
+                       for c in choices]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise self.error(f"a reply without the fields asked for ({type(e).__name__}: "
+                                 f"{e})", body, reply) from None
+            if not 0 < len(got) <= want:
+                raise self.error(f"{len(got)} choices for n={want}", body, reply)
+            if len(got) == 1 < want and not self.ignores_n:
+                self.ignores_n = True
+                print(f"{self.url}: one choice for n={want}: this server ignores n, asking for "
+                      "one completion per request from now on", file=sys.stderr, flush=True)
+            out += got
+            if len(out) == n:
+                return out
+
+    def error(self, what, body, reply):
+        """ServerError naming the server, the request (its prompt shortened) and the reply."""
+        shown = {**body, "prompt": body["prompt"][:60] + ("..." if len(body["prompt"]) > 60
+                                                          else "")}
+        reply = reply if isinstance(reply, str) else json.dumps(reply)
+        return ServerError(f"{self.url}: {what}; request {json.dumps(shown)}; "
+                           f"reply {reply[:300]!r}")
+
+    def post(self, body):
+        """The parsed JSON reply to one request, retrying what can get better."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if os.environ.get("OPENAI_API_KEY"):
@@ -152,27 +207,23 @@ class OpenAIBackend:
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    reply = json.loads(r.read())
-                choices = sorted(reply["choices"], key=lambda c: c["index"])
-                if len(choices) != n:
-                    raise ValueError(f"{len(choices)} choices for n={n}")
-                # servers that honour `stop` leave the string out; cut again for those that don't
-                return [finish(c["text"], stop, c.get("finish_reason") != "length")
-                        for c in choices]
+                    raw = r.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:  # a page from a proxy, or a body cut short: worth another try
+                    why = f"a reply that is not JSON: {raw[:200]!r}"
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
-                if e.code != 429 and e.code < 500:
-                    raise RuntimeError(f"{self.url}: HTTP {e.code}: {detail}") from None
+                if e.code not in (408, 429) and e.code < 500:  # the request's own fault
+                    raise self.error(f"HTTP {e.code}", body, detail) from None
                 why = f"HTTP {e.code}: {detail}"
                 retry_after = e.headers.get("Retry-After", "")
                 if retry_after.isdigit():
                     wait = max(wait, float(retry_after))
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # not the reply we need
-                why = f"malformed reply: {type(e).__name__}: {e}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"  # refused, reset, timeout
             if attempt == self.retries:
-                raise RuntimeError(f"{self.url}: gave up after {attempt + 1} tries: {why}")
+                raise self.error(f"gave up after {attempt + 1} tries", body, why)
             print(f"{self.url}: {why}; retrying in {wait:.1f} s", file=sys.stderr, flush=True)
             time.sleep(wait)
 
@@ -189,7 +240,8 @@ def add_flags(p, kinds, device):
                    help="; ".join(f"{k}: {BACKENDS[k]}" for k in kinds))
     p.add_argument("--model", help="model name the server knows (--backend openai)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
-    p.add_argument("--device", default=device)
+    p.add_argument("--device", default=device,
+                   help="cpu, cuda, cuda:1, ... (--backend local or hf)")
     p.add_argument("--compile", action="store_true", help="compile the decoding step (local "
                    "backend; minutes once, then faster: sample.py --compile)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (openai)")

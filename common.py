@@ -1,17 +1,19 @@
 """What the scripts share around the model: atomic file writes (figures too), append-only JSONL,
-per-item seeds and a runner that works through items and appends one row per finished item.
+per-item seeds, a runner that works through items and appends one row per finished item, and how
+every script's --help reads.
 
 A file is written whole or not at all (a temporary file beside it, then a rename), so a crash never
 leaves a half-written result for a rerun to trust. A long job (self-instruct's stages, HumanEval's
 samples) appends one JSON row per finished item, flushed and fsynced, and a rerun skips the items
 already in its file: a crash loses at most the items in flight.
 """
+import argparse
 import fcntl
 import hashlib
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -19,25 +21,38 @@ from pathlib import Path
 
 def write_atomic(path, data):
     """Write `data` (str, bytes, or a function that writes a given path) to `path` atomically: into
-    a temporary file of the same folder, then renamed over `path`. Returns `path`."""
+    a temporary file of the same folder, then renamed over `path`. Returns `path`. The file gets
+    the modes the umask gives, as open() would (mkstemp's would be private, 0600: a run on a
+    shared disk, or a folder served by another user, must stay readable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # unique
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                f.close()
-                data(Path(tmp))
-            else:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "xb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def umask_mode(mode):
+    """`mode` less the process's umask: the mode open() and mkdir() give a new file or folder.
+    Read from /proc where it can be (os.umask can only read it by setting it, which another
+    thread creating a file at that moment would feel)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mode & ~mask
 
 
 def save_figure(fig, path):
@@ -153,3 +168,23 @@ def run_items(name, items, work, writer, concurrency):
                 writer.write(f.result())
     if error is not None:
         raise error
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every script: the docstring's layout kept, and "(default: X)" after every flag's
+    help, unless the flag is required or its help already says what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or action.required or not action.option_strings
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first line above the flags, the rest of it (the example
+    commands) below them, where --help ends."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    return argparse.ArgumentParser(description=first, epilog=rest.strip("\n") or None,
+                                   formatter_class=HelpFormatter)

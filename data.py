@@ -9,13 +9,13 @@ and the prompt layouts in prompts.py; their public names stay importable from he
 
     from data import Tokenizer, format_infill, format_chat
 """
-import argparse
 import contextlib
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_atomic
+from common import HelpFormatter, script_parser, write_atomic
 from prompts import RESERVED_TAGS, check_dialog, dialog_tokens
 # The tokenizer and the prompt layouts, importable from here too (they used to live here).
 from prompts import format_chat, format_infill  # noqa: F401
@@ -360,6 +360,7 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
             examples[reason] = (examples.get(reason, []) + s["examples"][reason])[:3]
         for lang, n in zip(s["languages"], s["language_documents"]):
             languages[lang] = languages.get(lang, 0) + n
+    examples = {reason: [line_location(w) for w in where] for reason, where in examples.items()}
     meta = {**header, "complete": True, "shards": shards,
             "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "skipped": skipped,
@@ -368,13 +369,35 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
     return meta
 
 
+def line_location(where: str) -> str:
+    """"PATH (byte N)", where a JSONL record starts, as "PATH:LINE" (workers read byte ranges and
+    cannot count lines; this reads the file up to that byte, for the few examples kept)."""
+    m = re.fullmatch(r"(.*) \(byte (\d+)\)", where)
+    if not m:
+        return where
+    path, at = m.group(1), int(m.group(2))
+    lines = 1
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        while at > 0:
+            block = f.read(min(at, 1 << 20))
+            if not block:
+                break
+            lines, at = lines + block.count(b"\n"), at - len(block)
+    return f"{path}:{lines}"
+
+
 def summary(meta: dict) -> str:
-    skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(meta["skipped"].items())) or "none"
-    langs = ", ".join(f"{k or '?'} {v:,}" for k, v in sorted(meta["languages"].items(),
-                                                            key=lambda kv: -kv[1])[:8])
+    """One line: counts, the skipped documents by reason with where the first ones are, and the
+    documents per language (files: by extension; records: their "lang"/"language" field)."""
+    examples = meta.get("skipped_examples", {})
+    skipped = ", ".join(f"{k} {v:,}" + (f" ({', '.join(examples[k])}{', ...' if v > 3 else ''})"
+                                        if examples.get(k) else "")
+                        for k, v in sorted(meta["skipped"].items())) or "none"
+    langs = ", ".join(f"{k or 'not given'} {v:,}"
+                      for k, v in sorted(meta["languages"].items(), key=lambda kv: -kv[1])[:8])
     return (f"{meta['documents']:,} documents, {meta['tokens']:,} tokens in "
             f"{len(meta['shards'])} shards ({meta['dtype']}); skipped: {skipped}; "
-            f"languages: {langs or 'none'}")
+            f"documents per language: {langs or 'none'}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,19 +798,27 @@ CHAT_LANG = "chat"
 
 
 def is_dialogs(path) -> bool:
-    """Whether `path` is a chat source: a .jsonl(.gz) file whose first record holds "messages"."""
+    """Whether `path` is a chat source: a .jsonl(.gz) file whose first valid record (a JSON object)
+    holds "messages". Lines before it that are not are skipped here, and counted by the reader, as
+    bad lines later in the file are; a file without any valid record is an error."""
     path = Path(path)
     name = path.name.lower()
     if not path.is_file() or not name.endswith((".jsonl", ".jsonl.gz")):
         return False
+    first_bad = None
     with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except ValueError:  # JSONDecodeError, or UnicodeDecodeError on bytes
-                    raise ValueError(f"{path}:{lineno}: not a JSON record: {line[:60]!r}") from None
-                return isinstance(record, dict) and "messages" in record
+                    record = None
+                if isinstance(record, dict):
+                    return "messages" in record
+                first_bad = first_bad or (lineno, line)
+    if first_bad:
+        raise ValueError(f"{path}:{first_bad[0]}: not a JSON record: {first_bad[1][:60]!r}, nor "
+                         "is any other line")
     return False
 
 
@@ -900,9 +931,12 @@ def add_reader_flags(p):
                         "Python only; None: all in data.EXTENSIONS")
     p.add_argument("--text-field", nargs="+", default=["content", "text"],
                    help="JSONL/Parquet fields holding the text, the first present is used")
-    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES)
-    p.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS)
-    p.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS)
+    p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                   help="larger files are skipped unread (too_large)")
+    p.add_argument("--max-line-chars", type=int, default=MAX_LINE_CHARS,
+                   help="a document with a longer line is skipped (long_line: minified or data)")
+    p.add_argument("--max-mean-line-chars", type=float, default=MAX_MEAN_LINE_CHARS,
+                   help="a document whose lines are longer on average is skipped")
 
 
 def reader_settings(p, args) -> dict:
@@ -919,11 +953,23 @@ def reader_settings(p, args) -> dict:
                 max_mean_line_chars=args.max_mean_line_chars)
 
 
+PREPARE_DOC = """Tokenize a data source once, into shards for training (train_*.py also does it
+itself for a raw --data, into OUT/data).
+
+    python data.py prepare --data data/raw/code --tokenizer Llama-2-7b-hf/tokenizer.model \\
+        --out data/code
+    python data.py prepare --data /usr/share/doc --ext md,rst --tokenizer runs/longctx-tiny/hf \\
+        --out runs/data/nl
+"""
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a data source once, into shards for training")
+    p = script_parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("prepare", help="tokenize source files / JSONL / Parquet into shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q = sub.add_parser("prepare", help=PREPARE_DOC.split("\n")[0],
+                       description=PREPARE_DOC.split("\n")[0],
+                       epilog=PREPARE_DOC.partition("\n")[2].strip("\n"),
+                       formatter_class=HelpFormatter)
     q.add_argument("--data", nargs="+", required=True,
                    help="directories of source files, .jsonl(.gz) or .parquet files: one source")
     q.add_argument("--tokenizer", required=True, help="tokenizer file or checkpoint folder")

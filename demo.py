@@ -33,7 +33,6 @@ uses the demo's infilling model. The sizes are a demo's, not the paper's: the mo
 shape of code in minutes, not to solve HumanEval; the numbers show the pipeline runs end to end.
 """
 
-import argparse
 import ast
 import gzip
 import hashlib
@@ -46,7 +45,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from common import pyplot, save_figure, write_atomic
+from common import pyplot, save_figure, script_parser, write_atomic
 from execution import IsolationUnavailable, sandbox
 
 ROOT = Path(__file__).resolve().parent
@@ -522,7 +521,7 @@ class Context:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = script_parser(__doc__)
     p.add_argument("--out", default="runs/demo", help="folder of every stage's output")
     p.add_argument("--quick", action="store_true",
                    help="toy sizes: every stage runs a few steps (tests/test_demo.py uses it)")

@@ -14,7 +14,6 @@ unbiased estimator below.
     python eval.py ppl --ckpt out/longctx/hf --data val_code/ --lengths 1024,4096,16384,65536
     python eval.py retrieval --ckpt out/longctx/hf --data solutions/ --samples 64
 """
-import argparse
 import ast
 import itertools
 import json
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import backends
-from common import JsonlWriter, item_seed, pyplot, read_jsonl, run_items, save_figure, write_atomic
+from common import (HelpFormatter, JsonlWriter, item_seed, pyplot, read_jsonl, run_items,
+                    save_figure, script_parser, write_atomic)
 from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS, list_units,
                   read_unit)
 from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
@@ -184,6 +184,9 @@ def humaneval_model(args):
         writer = JsonlWriter(samples_path)
         try:
             run_items("humaneval", todo, work, writer, backend.concurrency)
+        except backends.ServerError as e:  # the problems finished before it are on disk
+            raise SystemExit(f"error: humaneval stopped: {e}; the finished problems are kept in "
+                             f"{samples_path}, a rerun resumes") from None
         finally:
             writer.close()
         done = {r["task_id"]: r for r in read_jsonl(samples_path)}
@@ -263,10 +266,21 @@ def add_model_flags(p, ckpt_help):
     p.add_argument("--ckpt", help=ckpt_help)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: the checkpoint's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")
     p.add_argument("--base", type=float, default=None,
                    help="RoPE base for this evaluation instead of the checkpoint's (Table 18: a "
                         "larger base at inference alone, without long-context fine-tuning)")
+
+
+def examples(command):
+    """The module docstring's example commands of one subcommand: the end of its --help."""
+    return "\n".join(line for line in __doc__.splitlines() if f"eval.py {command} " in line)
+
+
+def add_command(commands, name, help):
+    return commands.add_parser(name, help=help, description=help, epilog=examples(name),
+                               formatter_class=HelpFormatter)
 
 
 def parse_ints(text, flag):
@@ -484,8 +498,8 @@ def infill(args):
 
 
 def add_infill_parser(commands):
-    p = commands.add_parser("infill", help="HumanEval infilling: single-line, multi-line, "
-                            "random span; PSM and SPM")
+    p = add_command(commands, "infill", "HumanEval infilling: single-line, multi-line, random "
+                    "span; PSM and SPM")
     add_model_flags(p, "HF-layout checkpoint whose tokenizer has the infilling tokens")
     p.add_argument("--canonical", action="store_true",
                    help="fill in the reference middles (a harness check: all must pass and match)")
@@ -620,7 +634,7 @@ def ppl(args):
 
 
 def add_ppl_parser(commands):
-    p = commands.add_parser("ppl", help="perplexity vs context length on long files (Fig. 4a)")
+    p = add_command(commands, "ppl", "perplexity vs context length on long files (Fig. 4a)")
     add_model_flags(p, "HF-layout checkpoint folder")
     p.add_argument("--data", required=True,
                    help="a directory of source files, or a .jsonl(.gz) of {content|text}")
@@ -756,7 +770,7 @@ def retrieval_grid(haystacks, lengths, positions, samples, seed, complete):
 
 
 def add_retrieval_parser(commands):
-    p = commands.add_parser("retrieval", help="synthetic key retrieval (Fig. 4b, Table 17)")
+    p = add_command(commands, "retrieval", "synthetic key retrieval (Fig. 4b, Table 17)")
     add_model_flags(p, "HF-layout checkpoint folder")
     p.add_argument("--data", default=None, help="haystack code: a directory of .py files or a "
                    ".jsonl(.gz) of Python code; default: the HumanEval programs")
@@ -846,9 +860,9 @@ def retrieval(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    he = commands.add_parser("humaneval", help="HumanEval pass@k")
+    he = add_command(commands, "humaneval", "HumanEval pass@k")
     what = he.add_mutually_exclusive_group(required=True)
     what.add_argument("--canonical", action="store_true",
                       help="run the reference solutions (a harness check: all must pass)")
@@ -859,12 +873,13 @@ def main(argv=None):
     he.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     # Table 2: pass@1 greedy; pass@10 and pass@100 at temperature 0.8, top-p 0.95, n = 200
     he.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    he.add_argument("--top-p", type=float, default=0.95)
+    he.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (Table 2)")
     he.add_argument("--k", default="1,10,100", help="pass@k for each k <= --samples")
-    he.add_argument("--max-new-tokens", type=int, default=512)
+    he.add_argument("--max-new-tokens", type=int, default=512,
+                    help="tokens per completion at most")
     he.add_argument("--batch-size", type=int, default=20,
                     help="samples per generate call (a problem's KV cache holds this many rows)")
-    he.add_argument("--seed", type=int, default=0)
+    he.add_argument("--seed", type=int, default=0, help="sampling seeds derive from it")
     he.add_argument("--limit", type=int, default=None, help="only the first N problems")
     he.add_argument("--tasks", help="only these problems: ids or numbers, comma-separated")
     he.add_argument("--problems", default=HUMAN_EVAL,

@@ -15,8 +15,8 @@ conversion script does (skipping it does not crash: the model just gets quietly 
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,10 +375,13 @@ class Transformer(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from common import umask_mode
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         out_dir = Path(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent)) \
-            if rank == 0 else None
+        tmp = None
+        if rank == 0:  # mkdir, not mkdtemp (0700): the folder gets the modes the umask gives
+            tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+            tmp.mkdir()
         shards, current, size, names = [], {}, 0, _hf_names(self.args)
 
         def flush():
@@ -386,6 +389,7 @@ class Transformer(nn.Module):
             if current and rank == 0:
                 fname = f"shard-{len(shards):05d}.safetensors"
                 save_file(current, str(tmp / fname), metadata={"format": "pt"})
+                os.chmod(tmp / fname, umask_mode(0o666))  # safetensors writes it 0600
                 shards.append((fname, list(current)))
             current, size = {}, 0
 
@@ -448,19 +452,22 @@ def mean_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.mean(0, keepdim=True).expand(n - t.shape[0], -1)])
 
 
-def load_weights(params: dict, tensors, where, put, grow=False):
+def load_weights(params: dict, tensors, where, put, grow=None):
     """The one loading loop (from_pretrained and the training engine): each checkpoint tensor
     (name, source file, tensor) goes to `put(name, tensor)` for the parameter of that name in
-    `params`. With `grow`, embedding rows beyond the checkpoint's vocabulary (tokens a stage
-    added) start at the mean row, as in Transformer.resize_vocab. Shapes must match, and every
-    parameter must be found."""
+    `params`. `grow`: the checkpoint config's vocab_size, whose embedding rows must be that many;
+    rows beyond it (tokens a stage added) start at the mean row, as in Transformer.resize_vocab.
+    Shapes must match, and every parameter must be found."""
     loaded = set()
     for name, source, t in tensors:
         if name not in params:
             continue  # e.g. old HF checkpoints' rotary_emb.inv_freq: derived, not a weight
         want = tuple(params[name].shape)
-        if grow and name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < want[0]:
-            t = mean_rows(t.float(), want[0])
+        if grow and name in ("tok_embeddings.weight", "output.weight"):
+            if t.shape[0] != grow:
+                raise ValueError(f"{Path(where) / source}: tensor {name!r} has {t.shape[0]} rows, "
+                                 f"the vocab_size of {Path(where) / 'config.json'} is {grow}")
+            t = mean_rows(t.float(), want[0]) if t.shape[0] < want[0] else t
         if tuple(t.shape) != want:
             raise ValueError(f"{Path(where) / source}: tensor {name!r} has shape "
                              f"{tuple(t.shape)}, the model {want}")
@@ -538,11 +545,22 @@ def args_from_hf_config(path: Path):
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a JSON object")
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "intermediate_size"]
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    for k in required + ["num_key_value_heads", "head_dim", "max_position_embeddings"]:
+        v = cfg.get(k, 1)
+        if (v is not None or k in required) and (type(v) is not int or v < 1):
+            raise ValueError(f"{path}: {k} is {v!r}, not a positive integer")
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    if heads % kv or (not cfg.get("head_dim") and cfg["hidden_size"] % heads):
+        raise ValueError(f"{path}: hidden_size {cfg['hidden_size']}, num_attention_heads {heads} "
+                         f"and num_key_value_heads {kv} do not divide evenly")
     # Newer transformers write rope_parameters.rope_theta, older ones a top-level rope_theta; Llama
     # 2 configs may carry neither (then 1e4, the Llama 2 base; Code Llama sets 1e6, sec. 2.4).
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e4
@@ -598,8 +616,11 @@ def hf_tensors(path: Path):
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") \
+                from None
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:

@@ -1,5 +1,9 @@
 r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), instructions (2.5).
 
+Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token
+per step reading only the new token. `generate` is also the engine of backends.py (self-instruct,
+HumanEval) and eval.py.
+
     python sample.py --ckpt out/code/hf --prompt "def fibonacci(n):"
     python sample.py --ckpt out/infill/hf --infill      # the built-in demo: a docstring to fill
     python sample.py --infill             # the same with demo.py's infilling model (runs/demo)
@@ -8,13 +12,8 @@ r"""Generate from a checkpoint: completion, infilling (Code Llama sec. 2.3), ins
     python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function reversing a list"
     python sample.py --ckpt out/instruct/hf --instruct        # interactive multi-turn chat
     python sample.py --ckpt out/code/hf --prompt "def f(" --compile   # compiled decoding steps
-
-Generation follows gpt-fast: an explicit KV cache, one prefill pass over the prompt, then one token
-per step reading only the new token. `generate` is also the engine of backends.py (self-instruct,
-HumanEval) and eval.py.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from common import script_parser
 from model import DTYPES, Transformer
 from prompts import RESERVED_TAGS, format_dialog, format_infill
 from tokenizer import Tokenizer
@@ -113,8 +113,11 @@ def load(ckpt, dtype=None, device="cpu"):
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise SystemExit(f"error: checkpoint folder {ckpt} does not exist")
-    model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
-    tok = Tokenizer.from_pretrained(ckpt)
+    try:  # a truncated or corrupt file, a bad config.json, no tokenizer: one line naming it
+        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=device).eval()
+        tok = Tokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: {ckpt}: the tokenizer has {tok.vocab_size} tokens but the model "
                          f"only {model.args.vocab_size} embeddings (was the model resized after "
@@ -170,19 +173,22 @@ def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="",
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer); with "
                    "--infill, default: the demo's infilling model (runs/demo/infill/hf)")
     p.add_argument("--prompt", help="completion prompt; with --infill it may hold <FILL>")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.2)  # Meta's example_completion.py
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.2,  # Meta's example_completion.py
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: the smallest set "
+                   "of tokens holding this much probability")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per generation on stdout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: the checkpoint's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step first (minutes once; then ~1.3x tokens/s on a "
                         "CPU: bench/bench_model.py --compile)")

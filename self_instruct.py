@@ -31,7 +31,8 @@ Models: `--backend local --ckpt DIR` runs a checkpoint through model.py + sample
 cache; the 10 solutions of a question are 10 rows of one batch) with prompts in the checkpoint's
 own chat layout (Llama 2 [INST], or ChatML when the tokenizer has <|im_start|>, as SmolLM2's
 has). `--backend openai --base-url URL --model NAME` posts to an OpenAI-compatible /completions
-endpoint (a vLLM server), the prompt rendered in `--chat-format`, `--concurrency` requests at once.
+endpoint (vLLM, `transformers serve`, llama.cpp's server), the prompt rendered in `--chat-format`,
+`--concurrency` requests at once; a server that ignores n is topped up one request at a time.
 The paper uses a bigger model for questions than for tests and solutions: run `--stage questions`
 with one model, then the later stages with another.
 
@@ -68,7 +69,8 @@ import time
 from pathlib import Path
 
 import backends
-from common import JsonlWriter, item_seed, read_jsonl, run_items, write_atomic
+from common import (JsonlWriter, item_seed, read_jsonl, run_items, script_parser,
+                    write_atomic)
 from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 
 # ---------------------------------------------------------------------------------------------
@@ -685,11 +687,12 @@ STAGES = ("questions", "dedup", "tests", "solutions", "execute", "records")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--out", required=True, help="folder of the stage files")
-    p.add_argument("--stage", choices=("all",) + STAGES, default="all")
+    p.add_argument("--stage", choices=("all",) + STAGES, default="all",
+                   help="one stage, or all of them in order")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/N: this machine's part")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="every item's seed derives from it")
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (--backend local)")
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://HOST:8000/v1")
     backends.add_flags(p, ("local", "openai"), device="cpu")
@@ -697,15 +700,18 @@ def main(argv=None):
                    help="prompt layout sent to the server (--backend openai)")
     # sec. 2.5: 62,000 questions asked 50 at a time (Fig. 10) = 1,240 requests
     p.add_argument("--requests", type=int, default=1240, help="question requests")
-    p.add_argument("--questions-per-request", type=int, default=50)
-    p.add_argument("--tests-per-question", type=int, default=5)  # Fig. 11
+    p.add_argument("--questions-per-request", type=int, default=50,
+                   help="questions asked for in one request (Fig. 10)")
+    p.add_argument("--tests-per-question", type=int, default=5,
+                   help="unit tests asked for per question (Fig. 11)")
     p.add_argument("--solutions", type=int, default=10, help="samples per question (sec. 2.5)")
     # Sampling settings are not in the paper (UNCONFIRMED): varied questions, careful tests
     # (the 0.2 of Meta's example_instructions.py), diverse solutions (the pass@k temperature, 0.8).
-    p.add_argument("--question-temperature", type=float, default=0.8)
-    p.add_argument("--test-temperature", type=float, default=0.2)
-    p.add_argument("--solution-temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--question-temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--test-temperature", type=float, default=0.2, help="sampling temperature")
+    p.add_argument("--solution-temperature", type=float, default=0.8,
+                   help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, every stage")
     p.add_argument("--question-tokens", type=int, default=2048, help="max new tokens")
     p.add_argument("--test-tokens", type=int, default=512, help="max new tokens")
     p.add_argument("--solution-tokens", type=int, default=512, help="max new tokens")
@@ -737,18 +743,22 @@ def main(argv=None):
         t0 = time.monotonic()
         if stage in ("questions", "tests", "solutions"):
             backend = backend or backends.make_backend(args)  # loaded once for all model stages
-        if stage == "questions":
-            stage_questions(args, backend)
-        elif stage == "dedup":
-            stage_dedup(args)
-        elif stage == "tests":
-            stage_tests(args, backend)
-        elif stage == "solutions":
-            stage_solutions(args, backend)
-        elif stage == "execute":
-            stage_execute(args)
-        else:
-            stage_records(args)
+        try:
+            if stage == "questions":
+                stage_questions(args, backend)
+            elif stage == "dedup":
+                stage_dedup(args)
+            elif stage == "tests":
+                stage_tests(args, backend)
+            elif stage == "solutions":
+                stage_solutions(args, backend)
+            elif stage == "execute":
+                stage_execute(args)
+            else:
+                stage_records(args)
+        except backends.ServerError as e:  # the rows finished before it are on disk
+            raise SystemExit(f"error: stage {stage} stopped: {e}; its finished rows are kept in "
+                             f"{out_file(args, stage)}, a rerun resumes") from None
         print(f"stage {stage}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 
 

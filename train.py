@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from common import script_parser
 from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, is_dialogs, is_prepared, prepare,
                   summary)
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
@@ -57,8 +58,7 @@ PEAK_FLOPS = {"H200": (989e12, 67e12), "H100 PCIe": (756e12, 51e12), "H100": (98
 def parser(**defaults) -> argparse.ArgumentParser:
     """The engine's flags. A stage passes its paper values as `defaults`; --steps, --seq-len,
     --batch-tokens and --lr have no engine default: a stage sets them or the user must."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(sys.modules["__main__"].__doc__)  # the stage script's docstring
     known = set()
 
     def a(*flags, **kw):
@@ -86,9 +86,9 @@ def parser(**defaults) -> argparse.ArgumentParser:
     # (Llama 2 paper, sec. 2.2), not restated for Code Llama
     a("--warmup", type=int, default=1000, help="linear warm-up steps")
     a("--final-lr-frac", type=float, default=1 / 30, help="cosine decay ends at this times --lr")
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--eps", type=float, default=1e-5)
+    a("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    a("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
+    a("--eps", type=float, default=1e-5, help="AdamW's epsilon")
     a("--weight-decay", type=float, default=0.1, help="on matrices only (not norm gains)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--seed", type=int, default=0, help="model init, data order, transforms")
@@ -229,8 +229,9 @@ def load_hf(model: Transformer, folder: Path):
     device, through from_pretrained's loop (model.load_weights). Embedding rows beyond the
     checkpoint's vocabulary (tokens a stage added) start at the mean row, as in resize_vocab."""
     params = dict(model.named_parameters())
+    vocab = args_from_hf_config(folder / "config.json")[0].vocab_size
     load_weights(params, hf_tensors(folder), folder,
-                 lambda name, t: _copy_full(params[name], t.float()), grow=True)
+                 lambda name, t: _copy_full(params[name], t.float()), grow=vocab)
 
 
 def build_model(args, tok, d: Dist, resuming: bool) -> Transformer:
@@ -339,9 +340,17 @@ def load_corpora(args, tok, tok_path, d: Dist) -> list:
             continue
         key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
         folder = cache / f"{Path(path).name}-{key}"
+        error = None
         if d.rank == 0:
-            d.print(f"data: {path}: {summary(prepare([path], tok_path, folder))}")
-        d.barrier()
+            try:
+                d.print(f"data: {path}: {summary(prepare([path], tok_path, folder))}")
+            except (FileNotFoundError, ValueError) as e:
+                error = str(e)
+        # every rank learns how rank 0's preparation went, so that all stop with its one line
+        # (a barrier would leave the others a "connection closed by peer" traceback)
+        error = next((e for e in d.gather(error) if e), None)
+        if error:
+            raise ValueError(error)
         corpora.append(Corpus(folder))
     return corpora
 
@@ -355,6 +364,7 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d: Dist):
+    t0 = time.perf_counter()
     final = out / "ckpt" / f"step-{step:07d}"
     tmp = final.with_name(f".tmp-{final.name}")
     if d.rank == 0:
@@ -382,6 +392,7 @@ def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d:
         for old in complete_checkpoints(out)[:-args.keep_ckpts]:
             shutil.rmtree(old)
     d.barrier()
+    d.print(f"checkpoint: step {step} saved in {final} ({time.perf_counter() - t0:.1f} s)")
 
 
 def load_checkpoint(ckpt: Path, model, opt, batches: Batches, d: Dist) -> int:
@@ -430,10 +441,11 @@ def evaluate(model, held_out, names, args, d: Dist, autocast) -> dict:
     return losses
 
 
-def setup_data(args, setup, d: Dist, stream_flags=()):
+def check_setup(args, setup, d: Dist, stream_flags=()):
     """Load the tokenizer, run the stage's hook (its size-dependent defaults, its tokenizer and
-    transform), check the flags, tokenize raw sources once, and build this rank's share of the
-    batch stream. Bad input ends the run here with a one-line message."""
+    transform), and check the flags, --init, the data paths and a resume's settings. Every process
+    runs this before the process group exists (`d` has its rank and world), so bad input ends
+    every one of them with the same one-line message."""
     try:
         model_args(args)  # a wrong --init fails before anything heavy
         if args.init in PRESETS and not args.tokenizer:
@@ -456,6 +468,9 @@ def setup_data(args, setup, d: Dist, stream_flags=()):
         if rows % d.world:
             raise ValueError(f"the global batch of {rows} sequences does not split evenly over "
                              f"{d.world} processes")
+        for path, _ in data_sources(args):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"data source {path} does not exist")
         ckpts = complete_checkpoints(Path(args.out))
         if ckpts:
             saved = json.loads((ckpts[-1] / "args.json").read_text())
@@ -463,15 +478,24 @@ def setup_data(args, setup, d: Dist, stream_flags=()):
             if changed:
                 raise ValueError(f"{ckpts[-1]} was written with other --{', --'.join(changed)}: "
                                  "resuming would not continue that run; use another --out")
-        corpora = load_corpora(args, tok, tok_path, d)
-        per_rank = rows // d.world
-        batches = Batches(corpora, [w for _, w in data_sources(args)], args.seq_len, rows,
-                          args.seed, tok, transform,
-                          row_range=range(d.rank * per_rank, (d.rank + 1) * per_rank),
-                          whole_docs=args.whole_docs)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
-    return tok, batches, ckpts
+    return tok, tok_path, transform, ckpts
+
+
+def setup_data(args, tok, tok_path, transform, d: Dist) -> Batches:
+    """Tokenize raw sources once and build this rank's share of the batch stream. Bad data ends
+    every process here with the same one-line message."""
+    rows = args.batch_tokens // args.seq_len
+    per_rank = rows // d.world
+    try:
+        corpora = load_corpora(args, tok, tok_path, d)
+        return Batches(corpora, [w for _, w in data_sources(args)], args.seq_len, rows,
+                       args.seed, tok, transform,
+                       row_range=range(d.rank * per_rank, (d.rank + 1) * per_rank),
+                       whole_docs=args.whole_docs)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def start_log(out: Path, step: int, args, d: Dist):
@@ -537,10 +561,45 @@ def run(args, setup=None, stream_flags=()):
     flags, the tokenizer and the process (d.rank, d.world): it settles the stage's size-dependent
     defaults in `args`, and returns the tokenizer to train with (a stage may add tokens) and its
     per-document transform (see data.Batches). `stream_flags`: the stage's own flags that shape
-    the data stream (a resume with other values is refused, as for STREAM_FLAGS)."""
+    the data stream (a resume with other values is refused, as for STREAM_FLAGS). Bad input and
+    Ctrl-C end each process with one line."""
+    progress = {"step": None}
+    try:
+        run_training(args, setup, stream_flags, progress)
+        return
+    except KeyboardInterrupt:
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        where = f" at step {progress['step']}" if progress["step"] is not None else ""
+        last = complete_checkpoints(Path(args.out))
+        message = (f"{rank}interrupted{where}; the same command resumes from "
+                   f"{last[-1] if last else 'the start (no checkpoint yet)'}")
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        raise SystemExit(message)
+    # Under torchrun the first process to exit makes torchrun terminate the others: each prints
+    # its line at once and gives its peers a second to print theirs (on a busy machine one may
+    # reach the same error a little later). The error file makes torchrun's closing summary name
+    # the cause too.
+    print(message, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(
+            {"message": message, "timestamp": int(time.time())}))
+    time.sleep(1)
+    raise SystemExit(1)
+
+
+def run_training(args, setup, stream_flags, progress):
+    """run()'s body; progress["step"] follows the optimizer steps for the Ctrl-C message."""
+    # rank and world from torchrun's environment, before the process group exists
+    before = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  device=None, mesh=None)
+    tok, tok_path, transform, ckpts = check_setup(args, setup, before, stream_flags)
     d = setup_distributed()
     out = Path(args.out)
-    tok, batches, ckpts = setup_data(args, setup, d, stream_flags)
+    batches = setup_data(args, tok, tok_path, transform, d)
     d.print(json.dumps(vars(args), indent=1))
     names = [Path(p).name or p for p, _ in data_sources(args)]
     names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
@@ -549,7 +608,10 @@ def run(args, setup=None, stream_flags=()):
         d.print(f"{name:<24} {w:>7.3f} {c.n_docs:>11,} {c.n_tokens:>15,} "
                 f"{w * args.steps * args.batch_tokens / c.n_tokens:>15.2f}")
 
-    model = build_model(args, tok, d, resuming=bool(ckpts))
+    try:  # a truncated or corrupt --init: every rank reads it, every rank stops with one line
+        model = build_model(args, tok, d, resuming=bool(ckpts))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     opt = make_optimizer(model, args)
     step = load_checkpoint(ckpts[-1], model, opt, batches, d) if ckpts else 0
     if ckpts:
@@ -569,6 +631,7 @@ def run(args, setup=None, stream_flags=()):
 
     while step < args.steps:
         step += 1
+        progress["step"] = step
         t0 = time.perf_counter()
         lr, loss, grad_norm, counts = train_step(step, model, opt, batches, args, d, autocast,
                                                  loader)

@@ -13,7 +13,6 @@ free cores.
         [--workers 1 2 4 8]
 """
 
-import argparse
 import os
 import resource
 import sys
@@ -69,9 +68,12 @@ def loader_rate(corpora, tok, transform, seconds, seq_len=4096, rows=64, workers
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"))
-    p.add_argument("--seconds", type=float, default=5.0)
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"),
+                   help="the tokenizer both sides encode with")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="time per measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="loader worker counts to measure the infilling loader with")
     args = p.parse_args()

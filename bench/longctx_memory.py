@@ -43,11 +43,13 @@ def one_step(length, data, tokenizer, out, checkpointing) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from common import script_parser
+    p = script_parser(__doc__)
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/llama2/tokenizer.model"),
                    help="the vocabulary sets the size of the logits, a large part of the memory")
     p.add_argument("--data", default=str(STDLIB / "email"), help="any code: only its length counts")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
+                   help="sequence lengths measured")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    default=True, help="as train_longctx.py runs by default")
     args = p.parse_args()

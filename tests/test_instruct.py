@@ -203,12 +203,21 @@ def test_empty_or_all_invalid_file_is_a_clear_error(tokenizer, tmp_path):
         Dialogs(bad, tok, 512)
 
 
-def test_chat_source_detection(tmp_path):
+def test_chat_source_detection(tokenizer, tmp_path):
     assert is_dialogs(write_jsonl(tmp_path / "a.jsonl", ["", dialog(1)]))
     assert not is_dialogs(write_jsonl(tmp_path / "b.jsonl", [{"text": "code"}]))
     assert not is_dialogs(tmp_path)  # a directory of sources
-    with pytest.raises(ValueError, match=r"c\.jsonl:2: not a JSON record"):
-        is_dialogs(write_jsonl(tmp_path / "c.jsonl", ["", "{oops"]))
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: not a JSON record.*nor is any other"):
+        is_dialogs(write_jsonl(tmp_path / "c.jsonl", ["", "{oops", "[1]"]))
+    # the first valid record decides, wherever it is: a bad first line is skipped and counted
+    # like any other bad line
+    d = write_jsonl(tmp_path / "d.jsonl", ["{oops", "[1]", dialog(1), "{oops"])
+    assert is_dialogs(d)
+    assert not is_dialogs(write_jsonl(tmp_path / "e.jsonl", ["{oops", {"text": "code"}]))
+    tok = Tokenizer.from_pretrained(tokenizer)
+    chats = Dialogs(d, tok, 512)
+    assert chats.n_docs == 1 and chats.lines == {"bad_json": [1, 4], "no_messages": [2]}
+    assert "bad_json 2 (line 1, 4)" in chats.summary()
 
 
 def test_long_dialogs_are_cut_at_a_turn_boundary_or_dropped(tokenizer, tmp_path):

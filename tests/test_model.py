@@ -269,3 +269,103 @@ def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         Transformer.from_pretrained(empty)
+
+
+def test_every_bad_checkpoint_folder_is_one_line(tmp_path, tokenizer):
+    """What sample.py, eval.py and self_instruct.py load (sample.load), and what train.py's --init
+    loads: each bad folder stops with one line naming the file and the problem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import train
+    from sample import load
+    from tokenizer import Tokenizer
+
+    good = tmp_path / "good"
+    random_model(4, 2, 1e4, False, vocab=1024).save_pretrained(good)
+    Tokenizer.from_pretrained(tokenizer).save(good)
+    st = (good / "model.safetensors").read_bytes()
+    config = json.loads((good / "config.json").read_text())
+
+    def folder(name, **files):
+        d = tmp_path / name
+        d.mkdir()
+        for f in good.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        for f, content in files.items():
+            f = f.replace("_", ".", 1) if f != "tokenizer_model" else "tokenizer.model"
+            if content is None:
+                (d / f).unlink()
+            else:
+                (d / f).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return d
+
+    small = tmp_path / "small"  # a model of 512 embeddings beside a 1,024-piece tokenizer
+    random_model(4, 2, 1e4, False, vocab=512).save_pretrained(small)
+    Tokenizer.from_pretrained(tokenizer).save(small)
+    cases = {  # folder: (the file named, the problem)
+        folder("truncated", model_safetensors=st[:len(st) // 2]):
+            ("model.safetensors", "cannot read"),
+        folder("garbage", model_safetensors=b"\x00\x01" * 100 + st[200:]):
+            ("model.safetensors", "cannot read"),
+        folder("notjson", config_json="{\"hidden_size\": 64,"): ("config.json", "not valid JSON"),
+        folder("nokey", config_json=json.dumps({**config, "num_hidden_layers": None})):
+            ("config.json", "num_hidden_layers is None"),
+        folder("badvalue", config_json=json.dumps({**config, "hidden_size": "64"})):
+            ("config.json", "hidden_size is '64', not a positive integer"),
+        folder("notdict", config_json="[1, 2]"): ("config.json", "not a JSON object"),
+        folder("vocab", config_json=json.dumps({**config, "vocab_size": 2048})):
+            ("model.safetensors", "has shape (1024, 64), the model (2048, 64)"),
+        folder("notokenizer", tokenizer_model=None): ("notokenizer", "no tokenizer.model"),
+        small: ("small", "the tokenizer has 1024 tokens but the model only 512"),
+    }
+    for d, (file, problem) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            load(d)
+        message = str(e.value)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert str(d / file) in message or (file == d.name and str(d) in message), message
+        assert problem in message, message
+    # train.py --init: the same files, one line (data and tokenizer are fine)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x + 1\n" * 50)
+    for name in ("truncated", "notjson", "vocab"):
+        args = train.parser().parse_args(map(str, [
+            "--init", tmp_path / name, "--tokenizer", tokenizer, "--data", src, "--out",
+            tmp_path / f"out-{name}", "--steps", "1", "--seq-len", "32", "--batch-tokens", "64",
+            "--lr", "1e-3", "--dtype", "fp32"]))
+        with pytest.raises(SystemExit, match=r"^error: " + str(tmp_path / name)) as e:
+            train.run(args)
+        assert "\n" not in str(e.value)
+    # the command line: no traceback
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "truncated"),
+                        "--prompt", "x"], cwd=Path(__file__).parents[1], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'truncated'}")
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o077, 0o600, 0o700)])
+def test_written_files_get_the_modes_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    """The atomic writes (common.write_atomic: text, bytes, a writer function) and an exported
+    checkpoint folder (save_pretrained; safetensors alone would make its files 0600) get the modes
+    open() and mkdir() would: readable by others under umask 022, private under 077."""
+    import os
+
+    from common import write_atomic
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "a.txt", "text")
+        write_atomic(tmp_path / "b.bin", b"bytes")
+        write_atomic(tmp_path / "c.txt", lambda p: p.write_text("written by a function"))
+        random_model(4, 2, 1e4, False).save_pretrained(tmp_path / "hf", shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    files = [tmp_path / n for n in ("a.txt", "b.bin", "c.txt")] + list((tmp_path / "hf").iterdir())
+    assert len(files) > 6 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: file_mode for f in files}
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == dir_mode
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries

@@ -5,6 +5,8 @@ import json
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -25,7 +27,7 @@ def choices(texts, finish="stop"):
 
 class ScriptedServer:
     """POST /v1/completions answered by `reply(body)`: a dict (sent as JSON), bytes (sent as they
-    are), an int (that HTTP status) or ("sleep", seconds, answer)."""
+    are), an int (that HTTP status), ("status", code, dict) or ("sleep", seconds, answer)."""
 
     def __init__(self, reply):
         self.reply, self.requests = reply, []
@@ -35,11 +37,13 @@ class ScriptedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append((self.path, body))
-                answer = server.reply(body)
-                if isinstance(answer, tuple):
+                answer, status = server.reply(body), 200
+                if isinstance(answer, tuple) and answer[0] == "sleep":
                     time.sleep(answer[1])
                     answer = answer[2]
-                status, data = 200, answer
+                elif isinstance(answer, tuple):
+                    status, answer = answer[1:]
+                data = answer
                 if isinstance(answer, int):
                     status, data = answer, b'{"error": "scripted"}'
                 elif isinstance(answer, dict):
@@ -75,6 +79,44 @@ def server():
     yield start
     for s in servers:
         s.close()
+
+
+def openai_limits(reply):
+    """`reply` behind the request checks of the OpenAI API's /completions that a strict server
+    (vLLM) enforces with HTTP 400 and its own messages: a model name and a prompt, 1 <= n <= 128,
+    at most 4 stop strings, 0 <= temperature <= 2, 0 < top_p <= 1, max_tokens >= 1, an integer
+    seed."""
+    def check(body):
+        stop = body.get("stop", [])
+        checks = [
+            (isinstance(body.get("model"), str), "model: Field required"),
+            (isinstance(body.get("prompt"), str) and body["prompt"], "prompt: Field required"),
+            (isinstance(body.get("n", 1), int) and 1 <= body.get("n", 1) <= 128,
+             "n: Input should be between 1 and 128"),
+            (isinstance(stop, str) or len(stop) <= 4,
+             f"stop: List should have at most 4 items after validation, not {len(stop)}"),
+            (0 <= body.get("temperature", 1) <= 2, "temperature must be in [0, 2]"),
+            (0 < body.get("top_p", 1) <= 1, "top_p must be in (0, 1]"),
+            (isinstance(body.get("max_tokens", 16), int) and body.get("max_tokens", 16) >= 1,
+             "max_tokens must be at least 1"),
+            (isinstance(body.get("seed", 0), int), "seed: Input should be a valid integer")]
+        bad = [message for ok, message in checks if not ok]
+        if bad:
+            return ("status", 400, {"object": "error", "type": "BadRequestError", "code": 400,
+                                    "message": "; ".join(bad)})
+        return reply(body)
+    return check
+
+
+def ignores_n(reply):
+    """`reply` as a server that ignores n gives it (`transformers serve`, llama.cpp's server): one
+    choice per request."""
+    return lambda body: reply({**body, "n": 1})
+
+
+def by_seed(body):
+    """n choices whose texts name the request's seed: which request each sample came from."""
+    return choices([f"s{body['seed']}.{i}" for i in range(body["n"])])
 
 
 def sequence(*answers):
@@ -244,16 +286,16 @@ def test_item_seeds_and_shards():
 
 def backend(url, **kw):
     return backends.OpenAIBackend(url, "scripted", "llama2", **{"retries": 3, "timeout": 5.0,
-                                                           "backoff": 0.01, **kw})
+                                                                "backoff": 0.01, **kw})
 
 
 def test_openai_request_and_retries(server):
     ok = choices(["[PYTHON]\ndef f(): pass\n", "b"])
-    s = server(sequence(500, 503, 429, ok))
-    out = backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    s = server(sequence(500, 503, 429, 408, ok))
+    out = backend(s.url, retries=4).chat([{"role": "user", "content": "hi"}], **SAMPLING)
     assert out == [backends.Completion("[PYTHON]\ndef f(): pass\n", "stop"),
                    backends.Completion("b", "stop")]
-    assert len(s.requests) == 4
+    assert len(s.requests) == 5
     path, body = s.requests[-1]
     assert path == "/v1/completions"
     assert body == {"model": "scripted", "prompt": "[INST] hi [/INST]", "n": 2, "max_tokens": 16,
@@ -262,21 +304,71 @@ def test_openai_request_and_retries(server):
 
 def test_openai_timeout_garbage_and_cut(server):
     s = server(sequence(("sleep", 1.5, choices(["late", "late"])), b"<html>oops",
-                        {"choices": []}, choices(["x[/PYTHON]y", "z"], "length")))
+                        choices(["x[/PYTHON]y", "z"], "length")))
     out = backend(s.url, timeout=0.5).chat([{"role": "user", "content": "hi"}], **SAMPLING)
     # a server that ignores `stop` is cut here; "length" stays "length" unless a stop was found
     assert out == [backends.Completion("x", "stop"), backends.Completion("z", "length")]
-    assert len(s.requests) == 4
+    assert len(s.requests) == 3
 
 
-def test_openai_gives_up(server):
+def test_openai_gives_up_on_what_cannot_get_better(server, capsys):
     s = server(sequence(500))
-    with pytest.raises(RuntimeError, match=r"gave up after 4 tries: HTTP 500"):
+    with pytest.raises(backends.ServerError, match=r"gave up after 4 tries; request .*HTTP 500"):
         backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
-    s = server(sequence(400))  # the request's own fault: no retry
-    with pytest.raises(RuntimeError, match="HTTP 400"):
-        backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
-    assert len(s.requests) == 1
+    with pytest.raises(backends.ServerError, match=r"gave up after 2 tries.*(Connection|refused)"):
+        backend("http://127.0.0.1:9/v1", retries=1).complete("x", **SAMPLING)  # nothing listens
+    capsys.readouterr()
+    # the request's own fault, or a reply that is JSON but not what was asked: at once, one line
+    # naming the server, the request and the reply
+    for reply in (404, {"choices": [{"index": 0, "finish_reason": "stop"}] * 2},  # no "text"
+                  {"object": "text_completion"}, choices([]), choices(["a", "b", "c"]),
+                  {"choices": ["a", "b"]}):
+        s = server(sequence(reply))
+        with pytest.raises(backends.ServerError) as e:
+            backend(s.url).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+        assert len(s.requests) == 1 and "\n" not in str(e.value)
+        assert str(e.value).startswith(s.url + "/completions: ")
+        assert '"n": 2' in str(e.value) and '"seed": 7' in str(e.value)
+        shown = '"error": "scripted"' if reply == 404 else json.dumps(reply)[:100]
+        assert shown in str(e.value).split("; reply ")[1]
+    assert "retrying" not in capsys.readouterr().err
+
+
+def test_openai_limits_at_most_four_stop_strings(server):
+    stop = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's five
+    strict = server(openai_limits(lambda body: choices(["    return 1\nprint(2)", "x"])))
+    # the scripted server refuses five, as vLLM does
+    body = json.dumps({"model": "m", "prompt": "p", "stop": stop}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(strict.url + "/completions", data=body,
+                                                      headers={"Content-Type": "x"}))
+    assert e.value.code == 400 and b"at most 4 items after validation, not 5" in e.value.read()
+    out = backend(strict.url).complete("def f():\n", **{**SAMPLING, "stop": stop})
+    assert strict.requests[-1][1]["stop"] == stop[:4]
+    # the fifth is cut here
+    assert out == [backends.Completion("    return 1", "stop"), backends.Completion("x", "stop")]
+
+
+def test_openai_tops_up_n_from_a_server_that_ignores_it(server, capsys):
+    s = server(openai_limits(ignores_n(by_seed)))
+    b = backend(s.url)
+    first = b.complete("p", **{**SAMPLING, "n": 3})
+    assert [body["n"] for _, body in s.requests] == [3, 1, 1]
+    seeds = [body["seed"] for _, body in s.requests]
+    assert seeds[0] == 7 and len(set(seeds)) == 3  # each request with a seed of its own
+    assert [c.text for c in first] == [f"s{x}.0" for x in seeds]
+    assert capsys.readouterr().err.count("ignores n") == 1
+    # remembered: one completion per request from now on, the same seeds for the same item
+    again = b.complete("p", **{**SAMPLING, "n": 3})
+    assert [body["n"] for _, body in s.requests[3:]] == [1, 1, 1] and again == first
+    assert "ignores n" not in capsys.readouterr().err
+    # a server that honours n is asked once; one that gives part of n is topped up with the rest
+    s = server(openai_limits(by_seed))
+    assert len(backend(s.url).complete("p", **{**SAMPLING, "n": 3})) == 3 and len(s.requests) == 1
+    s = server(openai_limits(lambda body: by_seed({**body, "n": min(body["n"], 2)})))
+    b = backend(s.url)
+    assert len(b.complete("p", **{**SAMPLING, "n": 5})) == 5 and not b.ignores_n
+    assert [body["n"] for _, body in s.requests] == [5, 3, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +422,7 @@ class ScriptedModel:
 
     def __init__(self, fail_after=None):
         self.fail_after, self.solution_requests, self.seeds = fail_after, 0, {}
+        self.served = {}  # solutions given per question: a top-up request gets the next ones
 
     def __call__(self, body):
         prompt = body["prompt"]
@@ -348,8 +441,10 @@ class ScriptedModel:
         self.solution_requests += 1
         if self.fail_after is not None and self.solution_requests > self.fail_after:
             return 400
+        start = self.served.get(question, 0)
+        self.served[question] = start + body["n"]
         return choices([s.removeprefix(si.SOLUTIONS_ANSWER_START)
-                        for s in SOLUTIONS[question][:body["n"]]])
+                        for s in SOLUTIONS[question][start:start + body["n"]]])
 
 
 def run(out, url, *extra):
@@ -401,6 +496,13 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
     run(a, s.url)
     assert len(s.requests) == n and records(a) == [rec]
 
+    # The same through a server that ignores n and enforces the OpenAI API's limits: the 4
+    # solutions of a question come from 4 requests
+    strict = server(openai_limits(ignores_n(ScriptedModel())))
+    run(tmp_path / "d", strict.url)
+    assert records(tmp_path / "d") == [rec]
+    assert sum("[PYTHON]" in body["prompt"] for _, body in strict.requests) == 2 * 4
+
     # A crash in the middle of the solutions stage, a torn line, then a rerun.
     b = tmp_path / "b"
     b.mkdir()
@@ -409,7 +511,8 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
     crashing = ScriptedModel(fail_after=1)
     s2 = server(crashing)
     run(b, s2.url, "--stage", "tests")
-    with pytest.raises(RuntimeError, match="HTTP 400"):
+    with pytest.raises(SystemExit, match=r"^error: stage solutions stopped: .*HTTP 400.* a rerun "
+                       r"resumes$"):
         run(b, s2.url, "--stage", "solutions")  # two requests in flight: one fails
     assert len(common.read_jsonl(b / "solutions.jsonl")) == 1  # the finished item survived
     with open(b / "solutions.jsonl", "a") as f:

@@ -5,6 +5,7 @@ transformers, and bad input stops with a clear message."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,9 @@ def command(flags, data, out, *extra, nproc=1):
 
 
 def run(cmd):
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    # umask 022, a common default: what it lets others read, the run's files must let them read
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+                       umask=0o022)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -124,6 +127,17 @@ def test_two_processes_match_one(flags, reference, data, tmp_path):
     assert abs(reference[-1]["eval_loss/email"] - two[-1]["eval_loss/email"]) < 1e-4
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "step-0000004", "step-0000008", "step-0000010"]
+    # one log line per complete checkpoint: step, folder, seconds
+    saved = re.findall(r"^checkpoint: step (\d+) saved in (\S+) \((\d+\.\d) s\)$", r.stdout, re.M)
+    assert [(int(s), Path(p)) for s, p, _ in saved] == [
+        (s, tmp_path / "ckpt" / f"step-{s:07d}") for s in (4, 8, 10)]
+    # every file and folder written gets the modes the umask gives (0644, 0755), the hf/ export's
+    # safetensors and tokenizer included: others can read a run on a shared disk
+    modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes[Path("hf/model.safetensors")] == modes[Path("hf/tokenizer.model")] == 0o644
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o644}
+    assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {0o755}
+    assert (tmp_path.stat().st_mode & 0o777, len(modes)) > (0, 20)
     # Resuming on another number of processes: the two-process checkpoint of step 8 continued by
     # one process (the distributed checkpoint reshards; the data position is saved for all rows)
     shutil.rmtree(tmp_path / "ckpt" / "step-0000010")
@@ -234,3 +248,33 @@ def test_bad_data_is_a_clear_error(flags, tmp_path, source, message):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:")
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_under_torchrun_bad_data_is_one_line_per_process(flags, tmp_path):
+    """Rank 0 tokenizes a raw source and finds nothing in it: every process stops with its line,
+    no process with a traceback (a peer's "connection closed"), and torchrun's summary names it."""
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run(command(flags, tmp_path / "empty", tmp_path / "out", nproc=2), cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    line = f"error: data source {tmp_path / 'empty'}: no files with a known extension"
+    ours = [s for s in r.stderr.splitlines() if s.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 2 and all(s.startswith(line) for s in ours)
+    assert "[rank" not in r.stderr and "Connection closed" not in r.stderr
+    assert f"traceback : {line}" in r.stderr  # torchrun's own summary
+
+
+def test_ctrl_c_under_torchrun_is_one_line_per_process(flags, data, tmp_path):
+    proc = subprocess.Popen(command(flags, data, tmp_path, "--steps", "1000", nproc=2),
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    log = tmp_path / "metrics.jsonl"
+    wait_for(proc, lambda: log.exists() and log.read_bytes().count(b"\n") >= 5, "step 5", 0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: torchrun and its workers
+    _, err = proc.communicate(timeout=120)
+    ours = sorted(s for s in err.splitlines() if re.match(r"rank \d: ", s))
+    assert [s.split(":")[0] for s in ours] == ["rank 0", "rank 1"], err[-3000:]
+    for s in ours:  # the step it stopped at, and the checkpoint the same command resumes from
+        step = int(re.search(r"interrupted at step (\d+); the same command resumes from (\S+)$",
+                             s).group(1))
+        assert s.endswith(str(tmp_path / "ckpt" / f"step-{step // 4 * 4:07d}"))
+    assert "[rank" not in err and "KeyboardInterrupt" not in err
