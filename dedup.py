@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_atomic
+from common import script_parser, write_atomic
 from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHARS,
                   add_reader_flags, list_units, read_unit, reader_settings)
 
@@ -374,8 +374,7 @@ def report(s: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--data", nargs="+", required=True,
                    help="directories of source files, .jsonl(.gz) or .parquet files (as prepare)")
     p.add_argument("--out", required=True,

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import script_parser  # noqa: E402
 from dedup import dedup  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = script_parser(__doc__)
     p.add_argument("--data", nargs="+", default=[sysconfig.get_paths()["purelib"]],
                    help="folders to deduplicate (default: this interpreter's site-packages)")
     p.add_argument("--ext", default="py", help="extensions read from the folders")

@@ -85,7 +85,7 @@ from torch.distributed.tensor import DTensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from common import write_atomic  # noqa: E402
+from common import script_parser, write_atomic  # noqa: E402
 from data import IGNORE  # noqa: E402
 from model import ModelArgs, Transformer, parallelize  # noqa: E402
 from sample import generate  # noqa: E402
@@ -618,9 +618,10 @@ class Report:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = script_parser(__doc__)
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                   help="1: training vs torchtitan, 2: the full 7B step, 3: decoding")
     p.add_argument("--toy", action="store_true",
                    help="every part at CPU size: tiny shapes, 64-token sequences, 16 new tokens")
     p.add_argument("--cut-layers", type=int, help="layers of the cut 7B shape (part 1); "

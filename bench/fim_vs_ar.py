@@ -131,6 +131,7 @@ with the prefix's own tokens ends on a token ("\n") the model rarely saw before 
 middle is then scored in its own encoding (prompt_and_middle), and token healing (App. E), which
 would let the model re-write that last token, is not implemented. PSM has no such seam."""
 
+import argparse
 import ast
 import hashlib
 import json

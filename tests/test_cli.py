@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["sample.py", "eval.py", "self_instruct.py", "data.py", "demo.py", "train_code.py",
-           "train_infill.py", "train_python.py", "train_longctx.py", "train_instruct.py",
+SCRIPTS = ["sample.py", "eval.py", "self_instruct.py", "data.py", "dedup.py", "demo.py",
+           "train_code.py", "train_infill.py", "train_python.py", "train_longctx.py",
+           "train_instruct.py",
            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py"))]
 
 
@@ -52,7 +53,8 @@ def test_help_shows_every_flag_with_its_default_and_ends_with_the_examples(scrip
         text = p.format_help()
         flags = text.split("\noptions:\n")[1]
         for a in p._actions:
-            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+            if (isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+                    or a.help == argparse.SUPPRESS):  # internal flags, hidden on purpose
                 continue
             assert a.help, f"{p.prog} {a.option_strings}: no help"
             if not a.required:  # what it is when not given: "(default: X)", or said in words
