@@ -281,6 +281,8 @@ def test_instruct_run_exports_evaluates_and_resumes(instruct_run):
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(0 < r["eval_loss/chat.jsonl"] < 20 and "eval_loss/code" in r for r in evals)
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
+    from test_tokenizer import assert_transformers_loads
+    assert_transformers_loads(out / "hf")
 
 
 def test_step_one_loss_and_gradient_norm_match_a_hand_calculation(instruct_flags, instruct_run,

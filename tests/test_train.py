@@ -86,6 +86,11 @@ def test_schedule():
         0.9, 0.95, 1e-5, 0.1, 1.0)
 
 
+def test_export_tokenizer_loads_in_transformers(reference_out):
+    from test_tokenizer import assert_transformers_loads
+    assert_transformers_loads(reference_out / "hf")
+
+
 def test_reference_run_logs_metrics(reference):
     assert [m["step"] for m in reference] == list(range(1, STEPS + 1))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"} <= set(m)
