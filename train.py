@@ -359,6 +359,26 @@ def load_corpora(args, tok, tok_path, d: Dist) -> list:
 # Checkpoints: one folder per step, written under a temporary name and renamed when complete
 
 
+def pause_point(name: str):
+    """For the tests that kill a run at a chosen moment (tests/test_train.py): with
+    CODELLAMA_PAUSE_AT=NAME in the environment the process says so and waits to be killed there.
+    Without it, nothing."""
+    if os.environ.get("CODELLAMA_PAUSE_AT") == name:
+        print(f"paused at {name}", flush=True)
+        time.sleep(3600)
+
+
+def fsync_tree(folder: Path):
+    """Flush every file under `folder`, then the folder entries, to the disk: a rename is durable
+    only once what it names is (a power cut after the rename must not leave empty files)."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / "ckpt").glob("step-*") if (p / "train_state.json").is_file())
 
@@ -388,7 +408,10 @@ def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d:
         (tmp / "args.json").write_text(json.dumps(vars(args), indent=1))
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "data": data,
                                                           "epochs": batches.epochs()}))
+        fsync_tree(tmp)
+        pause_point(f"checkpoint-{step}")
         os.rename(tmp, final)
+        fsync_tree(final.parent)
         for old in complete_checkpoints(out)[:-args.keep_ckpts]:
             shutil.rmtree(old)
     d.barrier()
@@ -673,9 +696,20 @@ def run_training(args, setup, stream_flags, progress):
                    if peak else ""))
     d.print("epochs of each source: " + ", ".join(f"{n} {e:.3f}"
                                                  for n, e in zip(names, batches.epochs())))
-    model.save_pretrained(out / "hf")  # every rank takes part: parameters are gathered one by one
+    # The export is written beside hf/ and renamed once the weights and the tokenizer are both in
+    # it: a run killed while exporting leaves no hf/ without a tokenizer (which a next stage's
+    # --init OUT would take for a finished model); run again, it resumes and exports again.
+    partial = out / ".hf-partial"
+    model.save_pretrained(partial)  # every rank takes part: parameters are gathered one by one
     if d.rank == 0:
-        tok.save(out / "hf")
+        tok.save(partial)
+        pause_point("export")
+        fsync_tree(partial)
+        if (out / "hf").exists():
+            shutil.rmtree(out / ".hf-old", ignore_errors=True)
+            os.rename(out / "hf", out / ".hf-old")
+        os.rename(partial, out / "hf")
+        shutil.rmtree(out / ".hf-old", ignore_errors=True)
         d.print(f"exported {out / 'hf'}")
     if d.world > 1:
         dist.destroy_process_group()
