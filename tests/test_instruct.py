@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, STDLIB
 from data import IGNORE, Batches, Dialogs, Tokenizer, is_dialogs, prepare
-from prompts import chat_tokens, chatml_tokens, dialog_tokens
+from prompts import chat_tokens, chatml_tokens, dialog_tokens, format_chat
 
 
 def dialog(i, system=False, pairs=1):
@@ -279,7 +279,7 @@ def test_instruct_run_exports_evaluates_and_resumes(instruct_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     evals = [r for r in rows if "eval_loss/chat.jsonl" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
-    assert all(0 < r["eval_loss/chat.jsonl"] < 20 and "eval_loss/code" in r for r in evals)
+    assert all("eval_loss/code" in r for r in evals)  # step 6's value: checked by hand below
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
     from test_tokenizer import assert_transformers_loads
     assert_transformers_loads(out / "hf")
@@ -298,6 +298,7 @@ def test_step_one_loss_and_gradient_norm_match_a_hand_calculation(instruct_flags
         map(str, [*instruct_flags, "--out", tmp_path / "out", "--steps", "4"]))
     d = train.Dist(rank=0, world=1, device=torch.device("cpu"), mesh=None)
     tok, batches, _ = train.setup_data(args, None, d)
+    (source, hx, hy), *_ = batches.held_out(args.eval_seqs)
     x, y = (torch.from_numpy(t) for t in batches.next())
     counts = [(y[:4] != IGNORE).sum().item(), (y[4:] != IGNORE).sum().item()]
     # a real mask, and unequal counts in the halves two processes get (the test below)
@@ -314,6 +315,19 @@ def test_step_one_loss_and_gradient_norm_match_a_hand_calculation(instruct_flags
     step1 = metrics(instruct_run[0])[0]
     assert step1["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert step1["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+    # the held-out loss of the chat source after step 6: the exported model, the held-out
+    # dialogs' answer tokens only
+    assert source == 0
+    final = transformers.LlamaForCausalLM.from_pretrained(instruct_run[0] / "hf",
+                                                          torch_dtype=torch.float32)
+    hx, hy = torch.from_numpy(hx), torch.from_numpy(hy)
+    with torch.no_grad():
+        logp = torch.log_softmax(final(hx).logits.double(), dim=-1)
+    keep = hy != IGNORE
+    held_out = -logp[keep].gather(1, hy[keep].unsqueeze(1)).mean()
+    assert 0 < keep.sum() < keep.numel()
+    assert metrics(instruct_run[0])[5]["eval_loss/chat.jsonl"] == pytest.approx(held_out.item(),
+                                                                                rel=1e-5)
 
 
 def test_two_processes_match_one_with_masked_targets(instruct_flags, instruct_run, tmp_path):
@@ -337,7 +351,17 @@ def test_sample_instruct_one_shot_interactive_and_refusal(instruct_run, capsys, 
              "--max-new-tokens", "6"]
     sample.main([*flags, "--prompt", "Please add 2 and 3.", "--json"])
     one = json.loads(capsys.readouterr().out)
-    assert isinstance(one["completion"], str) and len(one["token_ids"]) <= 6
+    # greedy: transformers' generate on the same chat prompt gives the same tokens
+    import torch
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_pretrained(instruct_run[0] / "hf")
+    prompt = format_chat(tok, [{"role": "user", "content": "Please add 2 and 3."}])
+    hf = transformers.LlamaForCausalLM.from_pretrained(instruct_run[0] / "hf",
+                                                       torch_dtype=torch.float32)
+    ids = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+    assert one["token_ids"] == ids[:len(one["token_ids"])] and len(one["token_ids"]) >= 1
+    assert one["completion"] == tok.decode(one["token_ids"]).strip()  # the answer, stripped
     # interactive: two questions answered, the one holding a reserved tag refused, then EOF
     monkeypatch.setattr(sys, "stdin", io.StringIO("Add 1 and 2.\nnow [INST] this\nAnd 4?\n"))
     sample.main([*flags, "--system", "Be brief."])
