@@ -368,15 +368,20 @@ def pause_point(name: str):
         time.sleep(3600)
 
 
+def fsync(path: Path):
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: Path):
-    """Flush every file under `folder`, then the folder entries, to the disk: a rename is durable
-    only once what it names is (a power cut after the rename must not leave empty files)."""
+    """Flush every file under `folder`, then the folders, to the disk: a rename is durable only
+    once what it names is (a power cut after the rename must not leave empty files)."""
     for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(path)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -411,7 +416,7 @@ def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d:
         fsync_tree(tmp)
         pause_point(f"checkpoint-{step}")
         os.rename(tmp, final)
-        fsync_tree(final.parent)
+        fsync(final.parent)  # the rename itself
         for old in complete_checkpoints(out)[:-args.keep_ckpts]:
             shutil.rmtree(old)
     d.barrier()
@@ -709,6 +714,7 @@ def run_training(args, setup, stream_flags, progress):
             shutil.rmtree(out / ".hf-old", ignore_errors=True)
             os.rename(out / "hf", out / ".hf-old")
         os.rename(partial, out / "hf")
+        fsync(out)
         shutil.rmtree(out / ".hf-old", ignore_errors=True)
         d.print(f"exported {out / 'hf'}")
     if d.world > 1:

@@ -89,6 +89,8 @@ def test_base_change_keeps_short_range_logits_and_moves_long_range_ones(longctx)
         ref = transformers.LlamaForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
         ref = ref.eval()(tokens).logits[0]
     torch.testing.assert_close(b, ref, rtol=0, atol=1e-4)
+    from test_tokenizer import assert_transformers_loads
+    assert_transformers_loads(out / "hf")
     diff = (a - b).abs().amax(-1)  # (T,)
     assert diff[0] < 1e-5  # position 0 attends to itself only: no rotation matters
     # The two bases' angles differ by distance x (1e4^(-2i/d) - 1e6^(-2i/d)): little one or two
