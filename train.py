@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from common import script_parser
+from common import fsync, fsync_tree, script_parser
 from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, is_dialogs, is_prepared, prepare,
                   summary)
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
@@ -366,22 +366,6 @@ def pause_point(name: str):
     if os.environ.get("CODELLAMA_PAUSE_AT") == name:
         print(f"paused at {name}", flush=True)
         time.sleep(3600)
-
-
-def fsync(path: Path):
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path):
-    """Flush every file under `folder`, then the folders, to the disk: a rename is durable only
-    once what it names is (a power cut after the rename must not leave empty files)."""
-    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folder
-        fsync(path)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
