@@ -297,7 +297,8 @@ def test_step_one_loss_and_gradient_norm_match_a_hand_calculation(instruct_flags
     args = train.parser(**train_instruct.DEFAULTS).parse_args(
         map(str, [*instruct_flags, "--out", tmp_path / "out", "--steps", "4"]))
     d = train.Dist(rank=0, world=1, device=torch.device("cpu"), mesh=None)
-    tok, batches, _ = train.setup_data(args, None, d)
+    tok, tok_path, transform, _ = train.check_setup(args, None, d, ())
+    batches = train.setup_data(args, tok, tok_path, transform, d)
     (source, hx, hy), *_ = batches.held_out(args.eval_seqs)
     x, y = (torch.from_numpy(t) for t in batches.next())
     counts = [(y[:4] != IGNORE).sum().item(), (y[4:] != IGNORE).sum().item()]
