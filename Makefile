@@ -1,9 +1,10 @@
 # The two set-up commands of the README: `make test` and `make demo`.
 PYTHON ?= python
 
+# -rs: every skipped test and why, in the summary (CI sets CODELLAMA_REQUIRE_SANDBOX=1: .ci/run)
 test:
 	bash scripts/setup.sh --dev
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -rs tests
 
 # every stage of the paper in miniature on this machine's CPU (demo.py; ~6 minutes on 2 cores).
 # --dev: the demo needs what the tests need (SmolLM2 for self-instruct, gguf, matplotlib)

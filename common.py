@@ -1,6 +1,6 @@
-"""What the scripts share around the model: atomic file writes (figures too), append-only JSONL,
-per-item seeds, a runner that works through items and appends one row per finished item, and how
-every script's --help reads.
+"""What the scripts share around the model: atomic file writes (figures too), fsync of a folder
+before its rename, append-only JSONL, per-item seeds, a runner that works through items and
+appends one row per finished item, and how every script's --help reads.
 
 A file is written whole or not at all (a temporary file beside it, then a rename), so a crash never
 leaves a half-written result for a rerun to trust. A long job (self-instruct's stages, HumanEval's
@@ -53,6 +53,22 @@ def umask_mode(mode):
         mask = os.umask(0o022)
         os.umask(mask)
     return mode & ~mask
+
+
+def fsync(path: Path):
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path):
+    """Flush every file under `folder`, then the folders, to the disk: a rename is durable only
+    once what it names is (a power cut after the rename must not leave empty files)."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folder
+        fsync(path)
 
 
 def save_figure(fig, path):

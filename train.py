@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from common import script_parser
+from common import fsync, fsync_tree, script_parser
 from data import (IGNORE, Batches, Corpus, Dialogs, LoaderWorkers, is_dialogs, is_prepared, prepare,
                   summary)
 from model import (PRESETS, ModelArgs, Transformer, args_from_hf_config, hf_tensors, init_weight,
@@ -359,6 +359,15 @@ def load_corpora(args, tok, tok_path, d: Dist) -> list:
 # Checkpoints: one folder per step, written under a temporary name and renamed when complete
 
 
+def pause_point(name: str):
+    """For the tests that kill a run at a chosen moment (tests/test_train.py): with
+    CODELLAMA_PAUSE_AT=NAME in the environment the process says so and waits to be killed there.
+    Without it, nothing."""
+    if os.environ.get("CODELLAMA_PAUSE_AT") == name:
+        print(f"paused at {name}", flush=True)
+        time.sleep(3600)
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / "ckpt").glob("step-*") if (p / "train_state.json").is_file())
 
@@ -388,7 +397,10 @@ def save_checkpoint(out: Path, step: int, model, opt, batches: Batches, args, d:
         (tmp / "args.json").write_text(json.dumps(vars(args), indent=1))
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "data": data,
                                                           "epochs": batches.epochs()}))
+        fsync_tree(tmp)
+        pause_point(f"checkpoint-{step}")
         os.rename(tmp, final)
+        fsync(final.parent)  # the rename itself
         for old in complete_checkpoints(out)[:-args.keep_ckpts]:
             shutil.rmtree(old)
     d.barrier()
@@ -673,9 +685,21 @@ def run_training(args, setup, stream_flags, progress):
                    if peak else ""))
     d.print("epochs of each source: " + ", ".join(f"{n} {e:.3f}"
                                                  for n, e in zip(names, batches.epochs())))
-    model.save_pretrained(out / "hf")  # every rank takes part: parameters are gathered one by one
+    # The export is written beside hf/ and renamed once the weights and the tokenizer are both in
+    # it: a run killed while exporting leaves no hf/ without a tokenizer (which a next stage's
+    # --init OUT would take for a finished model); run again, it resumes and exports again.
+    partial = out / ".hf-partial"
+    model.save_pretrained(partial)  # every rank takes part: parameters are gathered one by one
     if d.rank == 0:
-        tok.save(out / "hf")
+        tok.save(partial)
+        pause_point("export")
+        fsync_tree(partial)
+        if (out / "hf").exists():
+            shutil.rmtree(out / ".hf-old", ignore_errors=True)
+            os.rename(out / "hf", out / ".hf-old")
+        os.rename(partial, out / "hf")
+        fsync(out)
+        shutil.rmtree(out / ".hf-old", ignore_errors=True)
         d.print(f"exported {out / 'hf'}")
     if d.world > 1:
         dist.destroy_process_group()

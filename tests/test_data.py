@@ -5,6 +5,7 @@ BOS/EOS."""
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,21 +147,20 @@ def test_jsonl_and_gzip_sources(tmp_path, tok):
     assert meta["documents"] == 1
 
 
-def test_parquet(tmp_path, tok):
+def test_parquet(tmp_path, tok, monkeypatch):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (requirements-dev.txt) reads .parquet")
+    import pyarrow.parquet as pq
     path = tmp_path / "d.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(ImportError, match="pip install pyarrow"):
-            prepare([path], TOKENIZER, tmp_path / "out", progress=False)
-        return
     pq.write_table(pa.table({"content": ["a = 1\n", None, "b = 2\n"],
                              "lang": ["python", "python", "python"]}), path, row_group_size=2)
     meta = prepare([path], TOKENIZER, tmp_path / "out", progress=False)
     assert meta["skipped"] == {"no_text_field": 1}
     assert texts(Corpus(tmp_path / "out"), tok) == ["a = 1\n", "b = 2\n"]
+    # where pyarrow is missing: a clear error rather than a crash
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        prepare([path], TOKENIZER, tmp_path / "out2", progress=False)
 
 
 def test_missing_and_empty_sources_are_clear_errors(tmp_path):

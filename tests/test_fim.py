@@ -385,6 +385,10 @@ def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
         text = f.read_text()
         assert new.encode(text) == old.encode(text) and new.decode(new.encode(text)) == text
     assert len(format_infill(new, "a", "b")) == 6
+    from test_tokenizer import assert_transformers_loads
+    theirs = assert_transformers_loads(hf)
+    assert theirs.convert_tokens_to_ids(["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]) == [
+        32007, 32008, 32009, 32010]
 
 
 def test_train_infill_extends_smollm2(smollm2_dir, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, STDLIB
 from data import IGNORE, Batches, Dialogs, Tokenizer, is_dialogs, prepare
-from prompts import chat_tokens, chatml_tokens, dialog_tokens
+from prompts import chat_tokens, chatml_tokens, dialog_tokens, format_chat
 
 
 def dialog(i, system=False, pairs=1):
@@ -249,15 +249,23 @@ def run(*cmd, input=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def instruct_run(tokenizer, sources, tmp_path_factory):
+def instruct_flags(tokenizer, sources):
+    """tiny preset, 8 sequences of 128 tokens per step: 92% dialogs (targets masked), 8% code."""
+    return ["--init", "tiny", "--tokenizer", tokenizer, "--data", *sources, "--seq-len", "128",
+            "--batch-tokens", "1024", "--micro-batch", "8", "--lr", "2e-3", "--warmup", "2",
+            "--dtype", "fp32", "--ckpt-every", "2", "--eval-every", "2", "--eval-seqs", "4"]
+
+
+@pytest.fixture(scope="module")
+def instruct_run(instruct_flags, tmp_path_factory):
     out = tmp_path_factory.mktemp("instruct")
-    flags = ["--init", "tiny", "--tokenizer", tokenizer, "--data", *sources, "--out", out,
-             "--seq-len", "128", "--batch-tokens", "1024", "--micro-batch", "8", "--lr", "2e-3",
-             "--warmup", "2", "--dtype", "fp32", "--ckpt-every", "2", "--eval-every", "2",
-             "--eval-seqs", "4"]
-    first = run("train_instruct.py", *flags, "--steps", "4")
-    second = run("train_instruct.py", *flags, "--steps", "6")
+    first = run("train_instruct.py", *instruct_flags, "--out", out, "--steps", "4")
+    second = run("train_instruct.py", *instruct_flags, "--out", out, "--steps", "6")
     return out, first.stdout, second.stdout
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_instruct_run_exports_evaluates_and_resumes(instruct_run):
@@ -267,12 +275,75 @@ def test_instruct_run_exports_evaluates_and_resumes(instruct_run):
     args = json.loads((out / "args.json").read_text())
     assert args["mix"] == [0.92, 0.06, 0.02] and args["whole_docs"]  # the recipe's defaults
     assert "resumed from" in second and "step-0000004" in second
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     evals = [r for r in rows if "eval_loss/chat.jsonl" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
-    assert all(0 < r["eval_loss/chat.jsonl"] < 20 and "eval_loss/code" in r for r in evals)
+    assert all("eval_loss/code" in r for r in evals)  # step 6's value: checked by hand below
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
+    from test_tokenizer import assert_transformers_loads
+    assert_transformers_loads(out / "hf")
+
+
+def test_step_one_loss_and_gradient_norm_match_a_hand_calculation(instruct_flags, instruct_run,
+                                                                   tmp_path):
+    """Step 1's logged loss and gradient norm, recomputed outside the engine: the starting weights
+    exported and run by transformers, the first batch's cross-entropy averaged by hand over the
+    targets that count (the answers; never the questions or the padding)."""
+    import torch
+    import train
+    import train_instruct
+    transformers = pytest.importorskip("transformers")
+    args = train.parser(**train_instruct.DEFAULTS).parse_args(
+        map(str, [*instruct_flags, "--out", tmp_path / "out", "--steps", "4"]))
+    d = train.Dist(rank=0, world=1, device=torch.device("cpu"), mesh=None)
+    tok, tok_path, transform, _ = train.check_setup(args, None, d, ())
+    batches = train.setup_data(args, tok, tok_path, transform, d)
+    (source, hx, hy), *_ = batches.held_out(args.eval_seqs)
+    x, y = (torch.from_numpy(t) for t in batches.next())
+    counts = [(y[:4] != IGNORE).sum().item(), (y[4:] != IGNORE).sum().item()]
+    # a real mask, and unequal counts in the halves two processes get (the test below)
+    assert 0 < sum(counts) < y.numel() // 2 and counts[0] != counts[1], counts
+    train.build_model(args, tok, d, resuming=False).save_pretrained(tmp_path / "start")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "start",
+                                                       torch_dtype=torch.float32)
+    logp = torch.log_softmax(hf(x).logits.double(), dim=-1)
+    keep = y != IGNORE
+    nll = -logp[keep].gather(1, y[keep].unsqueeze(1))
+    loss = nll.sum() / keep.sum()
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters()))
+    step1 = metrics(instruct_run[0])[0]
+    assert step1["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert step1["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+    # the held-out loss of the chat source after step 6: the exported model, the held-out
+    # dialogs' answer tokens only
+    assert source == 0
+    final = transformers.LlamaForCausalLM.from_pretrained(instruct_run[0] / "hf",
+                                                          torch_dtype=torch.float32)
+    hx, hy = torch.from_numpy(hx), torch.from_numpy(hy)
+    with torch.no_grad():
+        logp = torch.log_softmax(final(hx).logits.double(), dim=-1)
+    keep = hy != IGNORE
+    held_out = -logp[keep].gather(1, hy[keep].unsqueeze(1)).mean()
+    assert 0 < keep.sum() < keep.numel()
+    assert metrics(instruct_run[0])[5]["eval_loss/chat.jsonl"] == pytest.approx(held_out.item(),
+                                                                                rel=1e-5)
+
+
+def test_two_processes_match_one_with_masked_targets(instruct_flags, instruct_run, tmp_path):
+    """Two processes whose halves of the batch hold unequal numbers of targets (checked above)
+    log the losses of one process: the loss is a mean over the global batch's targets."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "train_instruct.py", *map(str, instruct_flags),
+                        "--out", str(tmp_path), "--steps", "4"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = metrics(instruct_run[0])[:4], metrics(tmp_path)
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
 
 
 def test_sample_instruct_one_shot_interactive_and_refusal(instruct_run, capsys, monkeypatch):
@@ -281,7 +352,17 @@ def test_sample_instruct_one_shot_interactive_and_refusal(instruct_run, capsys, 
              "--max-new-tokens", "6"]
     sample.main([*flags, "--prompt", "Please add 2 and 3.", "--json"])
     one = json.loads(capsys.readouterr().out)
-    assert isinstance(one["completion"], str) and len(one["token_ids"]) <= 6
+    # greedy: transformers' generate on the same chat prompt gives the same tokens
+    import torch
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_pretrained(instruct_run[0] / "hf")
+    prompt = format_chat(tok, [{"role": "user", "content": "Please add 2 and 3."}])
+    hf = transformers.LlamaForCausalLM.from_pretrained(instruct_run[0] / "hf",
+                                                       torch_dtype=torch.float32)
+    ids = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+    assert one["token_ids"] == ids[:len(one["token_ids"])] and len(one["token_ids"]) >= 1
+    assert one["completion"] == tok.decode(one["token_ids"]).strip()  # the answer, stripped
     # interactive: two questions answered, the one holding a reserved tag refused, then EOF
     monkeypatch.setattr(sys, "stdin", io.StringIO("Add 1 and 2.\nnow [INST] this\nAnd 4?\n"))
     sample.main([*flags, "--system", "Be brief."])

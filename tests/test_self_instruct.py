@@ -4,7 +4,6 @@ server (resume after a crash, shards), and the local backend on the real SmolLM2
 import json
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,20 +26,27 @@ def choices(texts, finish="stop"):
 
 class ScriptedServer:
     """POST /v1/completions answered by `reply(body)`: a dict (sent as JSON), bytes (sent as they
-    are), an int (that HTTP status), ("status", code, dict) or ("sleep", seconds, answer)."""
+    are), an int (that HTTP status), ("status", code, dict), or ("hold", answer): answered only
+    once the next request has come (the client gave up on this one: a timeout, whatever the
+    machine's load)."""
 
     def __init__(self, reply):
         self.reply, self.requests = reply, []
+        arrived = threading.Condition()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((self.path, body))
+                with arrived:
+                    server.requests.append((self.path, body))
+                    n = len(server.requests)
+                    arrived.notify_all()
                 answer, status = server.reply(body), 200
-                if isinstance(answer, tuple) and answer[0] == "sleep":
-                    time.sleep(answer[1])
-                    answer = answer[2]
+                if isinstance(answer, tuple) and answer[0] == "hold":
+                    with arrived:
+                        arrived.wait_for(lambda: len(server.requests) > n, timeout=60)
+                    answer = answer[1]
                 elif isinstance(answer, tuple):
                     status, answer = answer[1:]
                 data = answer
@@ -303,9 +309,9 @@ def test_openai_request_and_retries(server):
 
 
 def test_openai_timeout_garbage_and_cut(server):
-    s = server(sequence(("sleep", 1.5, choices(["late", "late"])), b"<html>oops",
+    s = server(sequence(("hold", choices(["late", "late"])), b"<html>oops",
                         choices(["x[/PYTHON]y", "z"], "length")))
-    out = backend(s.url, timeout=0.5).chat([{"role": "user", "content": "hi"}], **SAMPLING)
+    out = backend(s.url, timeout=2.0).chat([{"role": "user", "content": "hi"}], **SAMPLING)
     # a server that ignores `stop` is cut here; "length" stays "length" unless a stop was found
     assert out == [backends.Completion("x", "stop"), backends.Completion("z", "length")]
     assert len(s.requests) == 3

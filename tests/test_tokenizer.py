@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import random
+import re
 import sysconfig
 import time
 from pathlib import Path
@@ -98,6 +99,117 @@ def test_format_infill_layouts(cl, sp):
     spm = [1, 32007, 32008] + sp.encode("☺" + suf)[2:] + [32009] + sp.encode(pre)
     assert format_infill(cl, pre, suf) == psm
     assert format_infill(cl, pre, suf, suffix_first=True) == spm
+
+
+# ---- against transformers, an implementation of its own -----------------------------------------
+
+def spaces_as_sentencepiece_cuts_them(text):
+    """Runs of two or more spaces as tabs, and no space at the very start. transformers rebuilds
+    Llama 2's SentencePiece model as an HF BPE, which cuts spaces otherwise there ("    return"
+    -> "▁▁▁▁" "return", where SentencePiece, whose pieces Llama 2 and Code Llama were trained on,
+    gives "▁▁▁" "▁return"; " 1" -> "▁" "1" rather than "▁▁" "1"): the known differences, all
+    about spaces; everything else must agree."""
+    return re.sub(r" {2,}", lambda m: "\t" * len(m.group()), text).lstrip(" ")
+
+
+def transformers_tokenizer(folder):
+    """AutoTokenizer on a folder this project wrote (a SentencePiece model is converted by
+    transformers, which needs sentencepiece and protobuf: requirements-dev.txt)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def assert_transformers_loads(folder, texts=("def f(x):\n\treturn x + 1\n", "naïve café 2024 ½",
+                                              " one leading space", "")):
+    """An exported folder's tokenizer loads with AutoTokenizer and encodes as ours does."""
+    ours, theirs = Tokenizer.from_pretrained(folder), transformers_tokenizer(folder)
+    for text in texts:
+        ids = ours.encode(text)
+        assert theirs(text, add_special_tokens=False).input_ids == ids, (folder, text)
+        assert theirs.decode(ids) == ours.decode(ids)
+    return theirs
+
+
+@pytest.fixture(scope="module")
+def hf_llama2(llama2_tokenizer, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf-llama2")
+    Tokenizer.from_pretrained(llama2_tokenizer).save(folder)
+    return transformers.LlamaTokenizer.from_pretrained(folder)
+
+
+def real_texts():
+    """Real code and text: standard-library source, prose with accents, CJK and emoji, numbers."""
+    return stdlib_texts(40, 4000) + [t for t in EDGE_CASES if not re.search(r"</?s>", t)] + [
+        "The café's crème brûlée costs 12.50 €, 3 × 4 = 12, π ≈ 3.14159.",
+        "Ünïcödé ΑΒΓ абв עברית العربية हिन्दी ไทย 한국어", "1234567890 0.5 -7e10 0x1f 1_000",
+        "\nleading newline", "trailing newline\n", "x" * 300]
+
+
+def test_llama2_matches_transformers_fast(llama2_tokenizer, hf_llama2):
+    """transformers' LlamaTokenizer (its own BPE implementation, converted from the model file)
+    gives our ids on real text, and decodes our ids to our text."""
+    tok = Tokenizer.from_pretrained(llama2_tokenizer)
+    assert len(hf_llama2) == tok.vocab_size == 32000
+    assert (hf_llama2.bos_token_id, hf_llama2.eos_token_id) == (tok.bos_id, tok.eos_id)
+    for text in real_texts():
+        ids = tok.encode(text)
+        assert hf_llama2.decode(ids) == tok.decode(ids), text[:80]
+        text = spaces_as_sentencepiece_cuts_them(text)
+        assert hf_llama2(text, add_special_tokens=False).input_ids == tok.encode(text), text[:80]
+    # a known difference, pinned: ours is SentencePiece's cut
+    assert tok.encode("x\n    return y") == [921, 13, 1678, 736, 343]
+    assert hf_llama2("x\n    return y", add_special_tokens=False).input_ids == [
+        921, 13, 268, 2457, 343]
+
+
+def test_llama2_matches_transformers_slow(llama2_tokenizer):
+    """transformers' SentencePiece-backed (slow) tokenizer, spaces included."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_pretrained(llama2_tokenizer)
+    slow = transformers.SentencePieceBackend(vocab_file=str(llama2_tokenizer), legacy=True)
+    for text in real_texts():
+        assert slow.encode(text, add_special_tokens=False) == tok.encode(text), text[:80]
+
+
+@pytest.fixture(scope="module")
+def hf_codellama(codellama_tokenizer, tmp_path_factory):
+    """transformers' CodeLlamaTokenizer on our extended model: its own infilling layouts."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf-codellama")
+    Tokenizer.from_pretrained(codellama_tokenizer).save(folder)
+    return transformers.CodeLlamaTokenizer.from_pretrained(folder)
+
+
+# suffixes that start with one space: transformers 5's CodeLlamaTokenizer puts a "▁" before every
+# suffix, right only where the suffix starts with a space (the test after this one covers others)
+INFILL_PAIRS = [("def add(a, b):\n    ", " return c\n"), ("x = 1", " y"),
+                ("import os\n\n\ndef main():\n\t", " print(os.getcwd())\n\nmain()\n"),
+                ("a", " b"), ("# café ½\n", " π = 3.14\n")]
+
+
+def test_infilling_ids_and_layouts_match_transformers(cl, hf_codellama):
+    # Code Llama's released ids: ▁<PRE> 32007, ▁<SUF> 32008, ▁<MID> 32009, ▁<EOT> 32010, in a
+    # vocabulary padded to 32,016 (the 16 ids from 32,000 on)
+    pieces = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
+    assert hf_codellama.convert_tokens_to_ids(pieces) == [32007, 32008, 32009, 32010]
+    assert [cl.prefix_id, cl.suffix_id, cl.middle_id, cl.eot_id] == [32007, 32008, 32009, 32010]
+    assert cl.vocab_size == 32016 and [cl.id_to_piece(i) for i in range(32007, 32011)] == pieces
+    for prefix, suffix in INFILL_PAIRS:
+        for spm in (False, True):
+            theirs = hf_codellama.encode(prefix, suffix=suffix, suffix_first=spm)
+            assert format_infill(cl, prefix, suffix, suffix_first=spm) == theirs, (prefix, suffix)
+
+
+@pytest.mark.parametrize("suffix", ["return c\n", "\n    return c\n", "  two", "\tz", "x"])
+def test_infilling_suffix_has_no_implicit_space(cl, suffix):
+    """The suffix is encoded as a continuation, without SentencePiece's leading "▁" (Code Llama's
+    reference implementation): its pieces spell the suffix and nothing more."""
+    for spm in (False, True):
+        ids = format_infill(cl, "a = 1\n", suffix, suffix_first=spm)
+        body = ids[ids.index(cl.suffix_id) + 1:ids.index(cl.middle_id)]
+        spelled = "".join(cl.id_to_piece(i) for i in body)
+        assert spelled == suffix.replace(" ", "▁").replace("\n", "<0x0A>").replace("\t", "<0x09>")
 
 
 def test_format_infill_without_pieces(llama2_tokenizer):
@@ -480,6 +592,10 @@ def test_save_copies_files(smol, cl, tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["tokenizer.json",
                                                                   "tokenizer_config.json"]
     assert Tokenizer.from_pretrained(tmp_path / "a").encode("x = 1") == smol.encode("x = 1")
+    # SmolLM2's tokenizer_config.json names GPT2Tokenizer, which in transformers 5 cuts " ½"
+    # otherwise than the tokenizer.json it loads (the tokenizers library agrees with us there)
+    assert_transformers_loads(tmp_path / "a", ["def f(x):\n\treturn x + 1\n", "naïve café 2024",
+                                               " one leading space", ""])
     cl.save(tmp_path / "b")
     assert Tokenizer.from_pretrained(tmp_path / "b").eot_id == 32010
 

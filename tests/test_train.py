@@ -86,6 +86,11 @@ def test_schedule():
         0.9, 0.95, 1e-5, 0.1, 1.0)
 
 
+def test_export_tokenizer_loads_in_transformers(reference_out):
+    from test_tokenizer import assert_transformers_loads
+    assert_transformers_loads(reference_out / "hf")
+
+
 def test_reference_run_logs_metrics(reference):
     assert [m["step"] for m in reference] == list(range(1, STEPS + 1))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"} <= set(m)
@@ -182,27 +187,98 @@ def test_loader_workers_give_the_same_run_and_resume_it(flags, reference, data, 
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
 
 
-def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(flags, reference, data,
-                                                                        tmp_path):
-    ckpt = tmp_path / "ckpt"
-    writing = lambda: (ckpt / "step-0000004").exists() and any(ckpt.glob(".tmp-*"))  # noqa
-    for attempt in range(3):  # a kill may land just after the rename: then try again
-        shutil.rmtree(tmp_path, ignore_errors=True)
-        proc = subprocess.Popen(command(flags, data, tmp_path), cwd=ROOT, env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for(proc, writing, "the second checkpoint")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        partial = list(ckpt.glob(".tmp-*"))
-        if partial:
+def run_until_paused(cmd, where):
+    """Start a run that stops at train.pause_point(where), wait until it is there, kill it."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "CODELLAMA_PAUSE_AT": where},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == f"paused at {where}":
             break
     else:
-        pytest.fail("never killed the run while it was writing a checkpoint")
-    assert partial[0].name == ".tmp-step-0000008" and not (ckpt / "step-0000008").exists()
+        proc.wait()
+        pytest.fail(f"the run ended before {where}: {''.join(lines)[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return "".join(lines)
+
+
+def test_killed_while_writing_a_checkpoint_or_the_export_resumes(flags, reference, data, tmp_path):
+    """Killed with step 8's checkpoint written but not yet renamed into place: the run resumes
+    from step 4. Killed again while exporting hf/: no hf/ is left half made (weights without a
+    tokenizer), and the next run resumes from step 10 and exports."""
+    ckpt = tmp_path / "ckpt"
+    run_until_paused(command(flags, data, tmp_path), "checkpoint-8")
+    partial = ckpt / ".tmp-step-0000008"
+    assert (partial / "train_state.json").is_file() and not (ckpt / "step-0000008").exists()
+    log = run_until_paused(command(flags, data, tmp_path), "export")
+    assert "resumed from" in log and "step-0000004 (step 4)" in log
+    assert not list(ckpt.glob(".tmp-*")) and (ckpt / "step-0000010").is_dir()
+    assert not (tmp_path / "hf").exists()
     r = run(command(flags, data, tmp_path))
-    assert "resumed from" in r.stdout and "step-0000004 (step 4)" in r.stdout
-    assert not list(ckpt.glob(".tmp-*"))
+    assert "resumed from" in r.stdout and "step-0000010 (step 10)" in r.stdout
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
+    """--activation-checkpointing (model.parallelize) recomputes each block in backward, and the
+    loss and every gradient are those of the plain model."""
+    from model import ModelArgs, Transformer, parallelize
+    from data import Tokenizer
+    torch.manual_seed(0)
+    margs = ModelArgs.from_name("tiny", vocab_size=Tokenizer.from_pretrained(tokenizer).vocab_size)
+    plain, checkpointed = Transformer(margs), parallelize(Transformer(margs), None, None, True)
+    plain.init_weights()
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = []
+    for m in (plain, checkpointed):
+        m.layers[1].attention.register_forward_hook(lambda *_, m=m: calls.append(m))
+    x = torch.randint(0, margs.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (plain, checkpointed):
+        logits = m(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.item())
+    assert [calls.count(plain), calls.count(checkpointed)] == [1, 2]  # recomputed in backward
+    assert losses[0] == losses[1]
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename(flags, data, tmp_path, monkeypatch):
+    """Every file of a checkpoint is fsynced before the folder is renamed into place, and the
+    rename itself (its parent folder) after: a power cut cannot leave a checkpoint that looks
+    complete with empty files in it."""
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def record_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", record_rename)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = train.parser().parse_args(map(str, [
+        *flags, "--data", data, "--out", tmp_path, "--steps", "1", "--batch-tokens", "128",
+        "--ckpt-every", "1", "--eval-every", "0"]))
+    train.run(args)
+    final = tmp_path / "ckpt" / "step-0000001"
+    tmp = final.with_name(".tmp-step-0000001")
+    i = events.index(("rename", str(tmp), str(final)))
+    synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+    files = [p.relative_to(final) for p in final.rglob("*")]
+    assert len(files) >= 4 and all(str(tmp / f) in synced for f in files), (files, synced)
+    assert ("fsync", str(final.parent)) in events[i:]
 
 
 def test_stdlib_training_lowers_the_loss_and_exports_for_transformers(flags, tmp_path):
