@@ -25,8 +25,8 @@ them and returns (OUT on a disk every node sees; summary.json appears when the l
 Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
 tasks); once done it only prints the summary again: the output never changes. The console shows one
 line per stage and the summary (and any error); datatrove's full logs, a file per task, are in
-OUT/work/logs/STAGE/logs/ (Slurm's own, in OUT/work/slurm/, keep only failures). The signatures in OUT/work
-are deleted at the end.
+OUT/work/logs/STAGE/logs/ (Slurm's own, in OUT/work/slurm/, keep only failures). The signatures in
+OUT/work are deleted at the end.
 """
 import argparse
 import contextlib
