@@ -23,15 +23,19 @@ them and returns (OUT on a disk every node sees; summary.json appears when the l
         --slurm-partition cpu --slurm-time 12:00:00
 
 Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
-tasks); once done it only prints the summary again: the output never changes. datatrove logs each
-task to stderr and to OUT/work/logs/STAGE/; the signatures in OUT/work are deleted at the end.
+tasks); once done it only prints the summary again: the output never changes. The console shows one
+line per stage and the summary (and any error); datatrove's full logs, a file per task, are in
+OUT/work/logs/STAGE/logs/ (Slurm's own, in OUT/work/slurm/, keep only failures). The signatures in
+OUT/work are deleted at the end.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +56,7 @@ try:
                                                   MinhashDedupCluster, MinhashDedupFilter,
                                                   MinhashDedupSignature)
     from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.logging import logger, setup_default_logger
     from datatrove.utils.word_tokenizers import WordTokenizer
 except ImportError as e:  # the engine is an optional install: training never needs it
     MISSING = (f"dedup.py needs datatrove ({(e.name or '?').split('.')[0]} is missing): "
@@ -300,6 +305,46 @@ def stages(units, settings, out, header, minhash):
     ]
 
 
+def quiet_console():
+    """Let only datatrove's errors through to stderr (its full logs go to files): its warnings in
+    this process are reminders of settings this script already makes (finder_workers)."""
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+
+
+class QuietTasks:
+    """datatrove logs each task to a file (logging_dir/logs/task_NNNNN.log, everything) and to
+    stderr: every message for the task on local rank 0 (the first worker), errors only for the
+    others, which is all that local_rank decides in its _run_for_rank (datatrove 0.10). Its stages
+    also draw progress bars on stderr. At about 40 lines per task, a corpus of thousands of tasks
+    would bury the progress lines and any error, so here every task gets the second treatment, and
+    its stderr (those errors, the bars, any Python warning) goes to logs/task_NNNNN.stderr beside
+    its log; a task that fails says so on the console, its exception follows. When a task ends,
+    datatrove puts back its default console (every message, as the completion counts and each
+    stage's statistics table); the process goes back to errors only instead."""
+
+    def _run_for_rank(self, rank, local_rank=0, node_rank=-1):
+        console = sys.stderr
+        try:
+            with self.logging_dir.open(f"logs/task_{rank:05d}.stderr", "w") as f, \
+                    contextlib.redirect_stderr(f):
+                return super()._run_for_rank(rank, local_rank + 1, node_rank)
+        except Exception:
+            log = self.logging_dir.resolve_paths(f"logs/task_{rank:05d}.log")
+            print(f"dedup: task {rank} failed, its log: {log}", file=console)
+            raise
+        finally:
+            quiet_console()
+
+
+class LocalExecutor(QuietTasks, LocalPipelineExecutor):
+    """datatrove's executor for this machine's cores, with a quiet console."""
+
+
+class SlurmExecutor(QuietTasks, SlurmPipelineExecutor):
+    """datatrove's Slurm executor, with a quiet console: Slurm's own logs keep only failures."""
+
+
 def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM,
           shard_mb=64, extensions=None, text_fields=("content", "text"),
           max_file_bytes=MAX_FILE_BYTES, max_line_chars=MAX_LINE_CHARS,
@@ -342,22 +387,34 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
     # datatrove's local workers come from a forkserver, which lives as long as this process: with
     # the engine imported there once, each stage's workers start as forks, not fresh interpreters
     multiprocess.set_forkserver_preload(["datatrove.executor", "datatrove.pipeline.dedup", "data"])
-    previous = None
-    for name, pipeline, tasks in stages(units, settings, str(out), header, minhash):
-        logs = f"{out}/work/logs/{name}"
-        if slurm_partition:  # submitted now, run by Slurm once `previous` has finished
-            previous = SlurmPipelineExecutor(pipeline, tasks=tasks, time=slurm_time,
-                                             partition=slurm_partition, depends=previous,
-                                             mem_per_cpu_gb=slurm_mem_gb,
-                                             job_name=f"dedup_{name}", logging_dir=logs,
-                                             slurm_logs_folder=f"{out}/work/slurm/{name}",
-                                             env_command=f"export PYTHONPATH={ROOT}:$PYTHONPATH")
-        else:  # forkserver (datatrove's default): safe when the caller holds threads
-            LocalPipelineExecutor(pipeline, tasks=tasks, logging_dir=logs,
-                                  workers=min(tasks, workers or os.cpu_count() or 1)).run()
-    if slurm_partition:
-        previous.run()  # launches the whole chain, first stage first
-        return None
+    submitted = []  # (stage, its Slurm executor): each depends on the one before
+    quiet_console()  # one line per stage here; each task's full log is in OUT/work/logs/STAGE/
+    try:
+        for name, pipeline, tasks in stages(units, settings, str(out), header, minhash):
+            logs = f"{out}/work/logs/{name}"
+            if slurm_partition:
+                depends = submitted[-1][1] if submitted else None
+                submitted.append((name, SlurmExecutor(
+                    pipeline, tasks=tasks, time=slurm_time, partition=slurm_partition,
+                    depends=depends, mem_per_cpu_gb=slurm_mem_gb, job_name=f"dedup_{name}",
+                    logging_dir=logs, slurm_logs_folder=f"{out}/work/slurm/{name}",
+                    env_command=f"export PYTHONPATH={ROOT}:$PYTHONPATH")))
+                continue
+            # forkserver (datatrove's default): safe when the caller holds threads
+            executor = LocalExecutor(pipeline, tasks=tasks, logging_dir=logs,
+                                     workers=min(tasks, workers or os.cpu_count() or 1))
+            todo, t0 = len(executor.get_incomplete_ranks()), time.time()
+            executor.run()
+            print(f"dedup: {name}: {todo}/{tasks} tasks run in {time.time() - t0:.1f}s",
+                  file=sys.stderr)
+        if slurm_partition:
+            submitted[-1][1].run()  # launches the whole chain, first stage first
+            for name, executor in submitted:
+                job = "done before" if executor.job_id == -1 else f"job {executor.job_id}"
+                print(f"dedup: {name}: {executor.tasks} tasks, Slurm {job}", file=sys.stderr)
+            return None
+    finally:
+        setup_default_logger()  # datatrove's console again, as on import
     return json.loads((out / "summary.json").read_text())
 
 
@@ -409,4 +466,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the module `dedup`, not as `__main__`: datatrove pickles the pipeline with dill, which
+    # copies a class of `__main__` by value but not the globals its methods use, so a Slurm task (a
+    # fresh launch_pickled_pipeline process) would miss them; it imports `dedup` instead.
+    import dedup
+    dedup.main()

@@ -166,6 +166,19 @@ def test_bad_input_is_a_clear_error(corpus, result, tmp_path):
     assert run.stderr.startswith("error: data source") and "does not exist" in run.stderr
 
 
+def test_console_is_one_line_per_stage(tmp_path):
+    """datatrove's logs (some 40 lines per task) and progress bars go to files, not the console."""
+    run = subprocess.run([sys.executable, str(ROOT / "dedup.py"), "--data", str(STDLIB / "json"),
+                          "--out", str(tmp_path / "o"), "--workers", "2", "--shard-mb", "0.02"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stderr.splitlines()
+    assert len(lines) == 7 and all(line.startswith("dedup: ") for line in lines), run.stderr[-2000:]
+    assert run.stdout.count("\n") == 1 and "documents in" in run.stdout
+    logs = sorted((tmp_path / "o/work/logs/minhash_buckets/logs").glob("task_*.log"))
+    assert len(logs) == 25 and all("Processing done" in log.read_text() for log in logs)
+
+
 def test_missing_engine_is_one_line():
     code = ("import runpy, sys; sys.modules['datatrove'] = None; sys.argv = ['dedup.py', '--help'];"
             f"runpy.run_path({str(ROOT / 'dedup.py')!r}, run_name='__main__')")
