@@ -2,6 +2,7 @@
 scripts, the summary and the figures are written, and a second run skips what is done."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -62,11 +63,17 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     assert "remove_non_ascii" in (out / "samples.txt").read_text()  # sample.py --infill's demo
 
     # `python sample.py --infill` with no --ckpt takes the demo's infilling model (runs/demo's,
-    # pointed here at this run's)
+    # pointed here at this run's): SmolLM2 taught to infill, which writes words of the prompt's
+    # code or docstring (the tiny model's middle was "0x0x0x...", which has none)
+    assert "lacks the infilling tokens: extended" in (out / "logs/infill-smollm2.log").read_text()
     import sample
-    monkeypatch.setattr(sample, "DEMO_INFILL", out / "infill/hf")
-    sample.main(["--infill", "--greedy", "--max-new-tokens", "4"])
-    assert "def remove_non_ascii" in capsys.readouterr().out
+    monkeypatch.setattr(sample, "DEMO_INFILL", out / "infill-smollm2/hf")
+    sample.main(["--infill", "--greedy", "--max-new-tokens", "24", "--json"])
+    middle = json.loads(capsys.readouterr().out)["completion"]
+    words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", middle)}
+    prompt_words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", sample.DEMO_PREFIX
+                                                  + sample.DEMO_SUFFIX)}
+    assert words & prompt_words, middle
 
     # A second run after an interruption in the last stages: finished stages are skipped
     for name in ("sample", "eval-humaneval"):
