@@ -2,7 +2,7 @@
 CPU, from nothing but what this machine already holds (Roziere et al. 2023).
 
     make demo                      # installs what it needs (scripts/setup.sh --dev), then this
-    python demo.py                 # 12 min of CPU time (23 min on a busy 2-core machine)
+    python demo.py                 # 15 min of CPU time, ~9 min on 2 quiet cores
     python demo.py --quick         # every stage at toy sizes (a few minutes): what the test runs
 
 The data is this machine's own: the interpreter's standard library is the Python corpus, other

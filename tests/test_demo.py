@@ -89,7 +89,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
 
 def test_sample_infill_without_ckpt_needs_the_demo(tmp_path, monkeypatch):
     import sample
-    monkeypatch.setattr(sample, "DEMO_INFILL", tmp_path / "runs/demo/infill/hf")
+    monkeypatch.setattr(sample, "DEMO_INFILL", tmp_path / "runs/demo/infill-smollm2/hf")
     with pytest.raises(SystemExit, match="no demo infilling model .* run `make demo`"):
         sample.main(["--infill"])
     with pytest.raises(SystemExit, match="--ckpt is required"):
