@@ -593,9 +593,11 @@ def run(args, setup=None, stream_flags=()):
         raise SystemExit(message)
     # Under torchrun the first process to exit makes torchrun terminate the others: each prints
     # its line at once and gives its peers a second to print theirs (on a busy machine one may
-    # reach the same error a little later). The error file makes torchrun's closing summary name
-    # the cause too.
-    print(message, file=sys.stderr, flush=True)
+    # reach the same error a little later), in one write: print() may write the text and its
+    # newline apart, and two processes' lines then run together on the pipe they share. The
+    # error file makes torchrun's closing summary name the cause too.
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (message + "\n").encode())
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(
             {"message": message, "timestamp": int(time.time())}))

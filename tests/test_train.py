@@ -334,7 +334,7 @@ def test_under_torchrun_bad_data_is_one_line_per_process(flags, tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=600)
     line = f"error: data source {tmp_path / 'empty'}: no files with a known extension"
     ours = [s for s in r.stderr.splitlines() if s.startswith("error:")]
-    assert r.returncode != 0 and len(ours) == 2 and all(s.startswith(line) for s in ours)
+    assert r.returncode != 0 and len(ours) == 2 and all(s.startswith(line) for s in ours), r.stderr
     assert "[rank" not in r.stderr and "Connection closed" not in r.stderr
     assert f"traceback : {line}" in r.stderr  # torchrun's own summary
 
