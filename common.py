@@ -30,6 +30,7 @@ def write_atomic(path, data):
     try:
         if callable(data):
             data(tmp)
+            fsync(tmp)  # durable before the rename, as the str/bytes branch
         else:
             with open(tmp, "xb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)

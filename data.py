@@ -284,7 +284,7 @@ def _tokenize_unit(job):
              "examples": examples, "languages": list(names),
              "language_documents": np.bincount(np.asarray(langs, np.int64),
                                                minlength=len(names)).tolist()}
-    write_atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(stats)))
+    write_atomic(base.with_suffix(".json"), json.dumps(stats))
     return stats
 
 
@@ -325,7 +325,7 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
         if old.get("complete"):
             return old
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(meta_path, lambda p: p.write_text(json.dumps(header, indent=1)))
+    write_atomic(meta_path, json.dumps(header, indent=1))
 
     done = [i for i in range(len(units)) if (out / f"shard-{i:05d}.json").exists()]
     todo = [(i, u, str(out), str(tokenizer_path), settings)
@@ -365,7 +365,7 @@ def prepare(inputs, tokenizer_path, out, workers=None, shard_mb=256, extensions=
             "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "skipped": skipped,
             "skipped_examples": examples, "languages": languages}
-    write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_atomic(meta_path, json.dumps(meta, indent=1))
     return meta
 
 
