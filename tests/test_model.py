@@ -79,6 +79,29 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
+def test_eager_cached_generation_equals_full_forward_passes(monkeypatch):
+    """sample.generate's eager loop (a prefill, then one token at a time over the KV cache) gives,
+    at every step, the logits of a full forward pass over the whole sequence without a cache, and
+    so the same greedy tokens; the prompt is longer than one step so that the prefill counts."""
+    import sample
+
+    m = random_model(*CONFIGS["gqa-1e6-untied"]).eval()
+    seen = []
+    real = sample.sample_next
+    monkeypatch.setattr(sample, "sample_next",
+                        lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    prompt = torch.randint(0, m.args.vocab_size, (11,), generator=gen(6)).tolist()
+    out = sample.generate(m, prompt, 20, n=2)
+    assert out[0] == out[1] and len(out[0]) == 20 and len(seen) == 20
+    seq = list(prompt)
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            full = m(torch.tensor([seq]))[0, -1]
+            assert (logits - full).abs().max().item() < 1e-5, step
+            seq.append(int(full.argmax()))
+    assert seq[len(prompt):] == out[0]
+
+
 def test_compiled_generation_matches_eager_and_compiles_once():
     """generate(compile=True) writes the same tokens as the eager loop; a second prompt of another
     length reuses the first compilation (no recompile); batched sampling does too."""
