@@ -464,14 +464,25 @@ def test_isolated_startup_timeout_leaves_nothing(route, monkeypatch):
         route_unavailable(route, sb.why)
     monkeypatch.setattr(execution, "STARTUP_S", 0.5)
     program = "x = 1\n" * 1_500_000 + marked("startup", "import time\ntime.sleep(60)\n")
-    # sandboxes of earlier tests (or of other processes on the machine) may still be winding down:
-    # only a first process that appeared during this run counts
+    # sandboxes of earlier tests may still be winding down: only a first process that appeared
+    # during this run counts, and not one that another process (the other pytest-xdist worker)
+    # started and still holds
     before = set(leftovers("_enter_namespace", grace_s=0))
+
+    def ours(pid):  # started by this process, or orphaned (a leak, whoever started it)
+        while (pid := execution._parent(pid)) and pid > 1 and pid != os.getpid():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() not in ("bwrap", "unshare"):
+                    return False
+            except OSError:
+                return True
+        return True
+
     r = execution._check(program, TIMEOUT, 2048, sb)
     assert r.status == "timeout", r
     assert leftovers(marker("startup")) == []
     deadline = time.monotonic() + 2.0  # no sandbox's first process either
-    while (new := set(leftovers("_enter_namespace", grace_s=0)) - before) and \
+    while (new := set(filter(ours, leftovers("_enter_namespace", grace_s=0))) - before) and \
             time.monotonic() < deadline:
         time.sleep(0.1)
     assert new == set()

@@ -102,6 +102,26 @@ def test_eager_cached_generation_equals_full_forward_passes(monkeypatch):
     assert seq[len(prompt):] == out[0]
 
 
+def test_sampling_temperature_and_nucleus():
+    """sample_next: greedy at temperature 0; softmax(logits / T) otherwise; top-p keeps the
+    smallest set of likeliest tokens whose mass reaches p (here 0.5 + 0.3 >= 0.7: two of four)."""
+    from sample import sample_next
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20_000, -1)
+    assert sample_next(logits[:3], 0.0, 0.7).tolist() == [0, 0, 0]
+
+    def freq(temperature, top_p):
+        ids = sample_next(logits, temperature, top_p, gen(7))
+        return torch.bincount(ids, minlength=4).float() / len(ids)
+
+    assert torch.allclose(freq(1.0, 1.0), probs, atol=0.015)
+    hot = probs.sqrt() / probs.sqrt().sum()  # temperature 2: p^(1/2), renormalized
+    assert torch.allclose(freq(2.0, 1.0), hot, atol=0.015)
+    nucleus = freq(1.0, 0.7)
+    assert nucleus[2:].sum() == 0
+    assert torch.allclose(nucleus[:2], torch.tensor([0.625, 0.375]), atol=0.015)
+
+
 def test_compiled_generation_matches_eager_and_compiles_once():
     """generate(compile=True) writes the same tokens as the eager loop; a second prompt of another
     length reuses the first compilation (no recompile); batched sampling does too."""

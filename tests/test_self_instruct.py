@@ -31,7 +31,7 @@ class ScriptedServer:
     machine's load)."""
 
     def __init__(self, reply):
-        self.reply, self.requests = reply, []
+        self.reply, self.requests, self.headers = reply, [], []
         arrived = threading.Condition()
         server = self
 
@@ -40,6 +40,7 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with arrived:
                     server.requests.append((self.path, body))
+                    server.headers.append(dict(self.headers))
                     n = len(server.requests)
                     arrived.notify_all()
                 answer, status = server.reply(body), 200
@@ -306,6 +307,23 @@ def test_openai_request_and_retries(server):
     assert path == "/v1/completions"
     assert body == {"model": "scripted", "prompt": "[INST] hi [/INST]", "n": 2, "max_tokens": 16,
                     "temperature": 0.8, "top_p": 0.95, "seed": 7, "stop": ["[/PYTHON]"]}
+
+
+def test_openai_sends_the_api_key_as_a_bearer_token(server, monkeypatch):
+    s = server(lambda body: choices(["x"] * body["n"]))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    backend(s.url).complete("def f():\n", **SAMPLING)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    backend(s.url).complete("def f():\n", **SAMPLING)
+    assert [h.get("Authorization") for h in s.headers] == [None, "Bearer sk-test-123"]
+
+
+def test_stop_strings_cut_at_the_earliest_one_whatever_their_order():
+    text = "    return x\n\nprint(f(1))\ndef g():\n"
+    assert backends.cut_at_stop(text, ["\ndef", "\nprint"]) == ("    return x\n", True)
+    assert backends.finish(text, ["\ndef", "\nprint", "\nclass"], ended=False) == \
+        backends.Completion("    return x\n", "stop")
+    assert backends.finish(text, ["\nclass"], ended=False) == backends.Completion(text, "length")
 
 
 def test_openai_timeout_garbage_and_cut(server):

@@ -160,16 +160,21 @@ def wait_for(proc, condition, what, every=0.005):
 
 
 def test_sigkill_mid_run_resumes_to_the_same_losses(flags, reference, data, tmp_path):
-    proc = subprocess.Popen(command(flags, data, tmp_path), cwd=ROOT, env=ENV,
+    """Killed after step 6, the run resumes to the losses of an uninterrupted one; --keep-ckpts
+    2 leaves the two newest checkpoints (8 and 10) of the three."""
+    cmd = command(flags, data, tmp_path, "--keep-ckpts", "2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "metrics.jsonl"
     wait_for(proc, lambda: log.exists() and log.read_bytes().count(b"\n") >= 6, "step 6", 0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics(tmp_path)) < STEPS
-    r = run(command(flags, data, tmp_path))
+    r = run(cmd)
     assert "resumed from" in r.stdout
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-0000008", "step-0000010"]
 
 
 def test_loader_workers_give_the_same_run_and_resume_it(flags, reference, data, tmp_path):
