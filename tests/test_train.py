@@ -86,6 +86,30 @@ def test_schedule():
         0.9, 0.95, 1e-5, 0.1, 1.0)
 
 
+def test_optimizer_decays_matrices_and_not_norm_gains():
+    """AdamW with the flags' hyperparameters; weight decay on matrices only: one step with zero
+    gradients shrinks every matrix by lr * weight_decay and leaves every norm gain as it was."""
+    from model import ModelArgs, Transformer
+    args = train.parser(steps=10, seq_len=64, batch_tokens=64, lr=1e-2).parse_args(
+        ["--init", "tiny", "--data", "x", "--out", "y", "--weight-decay", "0.05",
+         "--beta1", "0.8", "--beta2", "0.9", "--eps", "1e-6"])
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16))
+    m.init_weights()
+    opt = train.make_optimizer(m, args)
+    assert all((g["betas"], g["eps"], g["lr"]) == ((0.8, 0.9), 1e-6, 1e-2)
+               for g in opt.param_groups)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    norms = [n for n, p in m.named_parameters() if p.ndim == 1]
+    assert norms and all(n.endswith("norm.weight") for n in norms)
+    for n, p in m.named_parameters():
+        want = before[n] if p.ndim == 1 else before[n] * (1 - 1e-2 * 0.05)
+        assert torch.allclose(p, want, rtol=0, atol=1e-7), n
+
+
 def test_export_tokenizer_loads_in_transformers(reference_out):
     from test_tokenizer import assert_transformers_loads
     assert_transformers_loads(reference_out / "hf")
