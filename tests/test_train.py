@@ -110,6 +110,33 @@ def test_optimizer_decays_matrices_and_not_norm_gains():
         assert torch.allclose(p, want, rtol=0, atol=1e-7), n
 
 
+def test_the_update_uses_gradients_clipped_to_grad_clip(tokenizer, data):
+    """train_step hands AdamW gradients whose global norm is --grad-clip (here far below the
+    raw norm, which it returns for the log)."""
+    import contextlib
+    from data import Batches, Corpus
+    from model import ModelArgs, Transformer
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tokenizer)
+    args = train.parser(steps=10, seq_len=64, batch_tokens=256, lr=1e-3).parse_args(
+        ["--init", "tiny", "--data", "x", "--out", "y", "--grad-clip", "0.01",
+         "--micro-batch", "2", "--warmup", "1"])
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
+                              multiple_of=16))
+    m.init_weights()
+    opt = train.make_optimizer(m, args)
+    seen, step = [], opt.step
+    opt.step = lambda: seen.append(torch.sqrt(sum((p.grad ** 2).sum() for p in m.parameters()))
+                                   .item()) or step()
+    batches = Batches([Corpus(data)], [1.0], 64, 4, seed=0, tok=tok)
+    _, loss, grad_norm, _ = train.train_step(1, m, opt, batches, args,
+                                             train.Dist(0, 1, torch.device("cpu"), None),
+                                             contextlib.nullcontext())
+    assert loss > 0 and grad_norm > 0.1
+    assert seen == [pytest.approx(0.01, rel=1e-4)]
+
+
 def test_export_tokenizer_loads_in_transformers(reference_out):
     from test_tokenizer import assert_transformers_loads
     assert_transformers_loads(reference_out / "hf")
