@@ -648,9 +648,10 @@ def limit_programs():
 
 
 # The CPU seconds (ceil(timeout) + 1) bind where the wall clock has not started: a program whose
-# compilation alone takes several CPU seconds (10,000 lambdas: ~5 s on this project's machine),
-# with the start-up allowance (STARTUP_S) made long enough for a loaded machine.
-CPU_PROGRAM = "fs = [\n" + "    lambda: [a for a in b if a],\n" * 10_000 + "]\nprint(len(fs))\n"
+# compilation alone takes many CPU seconds (20,000 lambdas: ~30 s on this project's machine; the
+# limit stops it after 2), with the start-up allowance (STARTUP_S) made long enough for a loaded
+# machine.
+CPU_PROGRAM = "fs = [\n" + "    lambda: [a for a in b if a],\n" * 20_000 + "]\nprint(len(fs))\n"
 
 
 @pytest.fixture(scope="module")
