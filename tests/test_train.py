@@ -86,6 +86,57 @@ def test_schedule():
         0.9, 0.95, 1e-5, 0.1, 1.0)
 
 
+def test_optimizer_decays_matrices_and_not_norm_gains():
+    """AdamW with the flags' hyperparameters; weight decay on matrices only: one step with zero
+    gradients shrinks every matrix by lr * weight_decay and leaves every norm gain as it was."""
+    from model import ModelArgs, Transformer
+    args = train.parser(steps=10, seq_len=64, batch_tokens=64, lr=1e-2).parse_args(
+        ["--init", "tiny", "--data", "x", "--out", "y", "--weight-decay", "0.05",
+         "--beta1", "0.8", "--beta2", "0.9", "--eps", "1e-6"])
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16))
+    m.init_weights()
+    opt = train.make_optimizer(m, args)
+    assert all((g["betas"], g["eps"], g["lr"]) == ((0.8, 0.9), 1e-6, 1e-2)
+               for g in opt.param_groups)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    norms = [n for n, p in m.named_parameters() if p.ndim == 1]
+    assert norms and all(n.endswith("norm.weight") for n in norms)
+    for n, p in m.named_parameters():
+        want = before[n] if p.ndim == 1 else before[n] * (1 - 1e-2 * 0.05)
+        assert torch.allclose(p, want, rtol=0, atol=1e-7), n
+
+
+def test_the_update_uses_gradients_clipped_to_grad_clip(tokenizer, data):
+    """train_step hands AdamW gradients whose global norm is --grad-clip (here far below the
+    raw norm, which it returns for the log)."""
+    import contextlib
+    from data import Batches, Corpus
+    from model import ModelArgs, Transformer
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tokenizer)
+    args = train.parser(steps=10, seq_len=64, batch_tokens=256, lr=1e-3).parse_args(
+        ["--init", "tiny", "--data", "x", "--out", "y", "--grad-clip", "0.01",
+         "--micro-batch", "2", "--warmup", "1"])
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
+                              multiple_of=16))
+    m.init_weights()
+    opt = train.make_optimizer(m, args)
+    seen, step = [], opt.step
+    opt.step = lambda: seen.append(torch.sqrt(sum((p.grad ** 2).sum() for p in m.parameters()))
+                                   .item()) or step()
+    batches = Batches([Corpus(data)], [1.0], 64, 4, seed=0, tok=tok)
+    _, loss, grad_norm, _ = train.train_step(1, m, opt, batches, args,
+                                             train.Dist(0, 1, torch.device("cpu"), None),
+                                             contextlib.nullcontext())
+    assert loss > 0 and grad_norm > 0.1
+    assert seen == [pytest.approx(0.01, rel=1e-4)]
+
+
 def test_export_tokenizer_loads_in_transformers(reference_out):
     from test_tokenizer import assert_transformers_loads
     assert_transformers_loads(reference_out / "hf")
@@ -160,16 +211,21 @@ def wait_for(proc, condition, what, every=0.005):
 
 
 def test_sigkill_mid_run_resumes_to_the_same_losses(flags, reference, data, tmp_path):
-    proc = subprocess.Popen(command(flags, data, tmp_path), cwd=ROOT, env=ENV,
+    """Killed after step 6, the run resumes to the losses of an uninterrupted one; --keep-ckpts
+    2 leaves the two newest checkpoints (8 and 10) of the three."""
+    cmd = command(flags, data, tmp_path, "--keep-ckpts", "2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "metrics.jsonl"
     wait_for(proc, lambda: log.exists() and log.read_bytes().count(b"\n") >= 6, "step 6", 0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics(tmp_path)) < STEPS
-    r = run(command(flags, data, tmp_path))
+    r = run(cmd)
     assert "resumed from" in r.stdout
     assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in reference]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-0000008", "step-0000010"]
 
 
 def test_loader_workers_give_the_same_run_and_resume_it(flags, reference, data, tmp_path):
