@@ -20,13 +20,16 @@ Many machines: the same stages as Slurm job arrays chained by dependencies; this
 them and returns (OUT on a disk every node sees; summary.json appears when the last one is done):
 
     python dedup.py --data /shared/crawl/*.jsonl.gz --out /shared/dedup --shard-mb 256 \
-        --slurm-partition cpu --slurm-time 12:00:00
+        --slurm-partition cpu --slurm-time 12:00:00 --slurm-options='--qos=high --account=ml'
 
-Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
-tasks); once done it only prints the summary again: the output never changes. The console shows one
-line per stage and the summary (and any error); datatrove's full logs, a file per task, are in
-OUT/work/logs/STAGE/logs/ (Slurm's own, in OUT/work/slurm/, keep only failures). The signatures in
-OUT/work are deleted at the end.
+Its tasks run this interpreter (--slurm-python another, the same path on every node), tried here
+first, as are the sbatch options (sbatch --test-only): nothing is submitted when either fails. A
+stage that fails cancels the ones after it. Re-running with the same inputs and settings resumes
+where it stopped (datatrove skips finished tasks; refused while the chain submitted before is still
+queued or running); once done it only prints the summary again: the output never changes. The
+console shows one line per stage and the summary (and any error); datatrove's full logs, a file per
+task, are in OUT/work/logs/STAGE/logs/, Slurm's own (each job's command, each stage's statistics) in
+OUT/work/slurm/STAGE/. The signatures in OUT/work are deleted at the end.
 """
 import argparse
 import contextlib

@@ -3,7 +3,8 @@
 # the first node (c10d rendezvous). The arguments are the stage script and its flags:
 #
 #   sbatch --nodes 4 scripts/slurm.sh train_infill.py --init Llama-2-7b-hf \
-#       --data data/code data/code_nl data/nl --out /shared/runs/infill-7b --activation-checkpointing
+#       --data data/code data/code_nl data/nl --out /shared/runs/infill-7b \
+#       --activation-checkpointing
 #
 # It asks for whole nodes (--exclusive: every GPU and CPU; --mem=0: all the memory) and starts one
 # process per GPU a node has (8, 4, ...), one on a node without GPUs (NPROC_PER_NODE=K sbatch ...

@@ -38,17 +38,25 @@ for exe in munged slurmctld slurmd sbatch; do
     command -v "$exe" >/dev/null || { echo "error: $exe is missing: apt-get install slurmctld" \
         "slurmd slurm-client munge" >&2; exit 1; }
 done
-[ "$(id -u)" = 0 ] || { echo "error: slurmd starts jobs as their user: run this as root" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+    echo "error: slurmd starts jobs as their user: run this as root" >&2
+    exit 1
+fi
 mkdir -p "$dir/ctld" "$dir/spool"
 dir=$(cd "$dir" && pwd)
 chmod 755 "$dir"  # munged: a socket folder others may enter but not write
 
 # munge: authenticates every message between the commands and the daemons, with a key of our own
-[ -f "$dir/munge.key" ] || { head -c 1024 /dev/urandom > "$dir/munge.key"; chmod 400 "$dir/munge.key"; }
+if [ ! -f "$dir/munge.key" ]; then
+    head -c 1024 /dev/urandom > "$dir/munge.key"
+    chmod 400 "$dir/munge.key"
+fi
 munged --socket="$dir/munge.socket" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
     --log-file="$dir/munged.log" --seed-file="$dir/munged.seed"
 
-port() { python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}
 # The node: its real CPUs and memory (slurmd -C), called localhost so that its name resolves
 node=$(slurmd -C | head -n 1 | sed 's/^NodeName=[^ ]*/NodeName=localhost NodeAddr=127.0.0.1/')
 rm -f "$dir/gres.conf"
@@ -80,6 +88,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 GresTypes=gpu
 SchedulerType=sched/builtin
+# start a job as soon as it can run (the default waits up to 3 s to gather submissions)
+SchedulerParameters=batch_sched_delay=0
 ReturnToService=2
 MinJobAge=600
 KillWait=5
