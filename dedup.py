@@ -385,12 +385,14 @@ def queued_jobs(out: Path) -> list[str]:
     if not jobs.exists() or shutil.which("squeue") is None:
         return []
     ids = json.loads(jobs.read_text())
-    run = subprocess.run(["squeue", "-h", "-o", "%A", "-j", ",".join(ids)], capture_output=True,
-                         text=True)
+    run = subprocess.run(["squeue", "-h", "-o", "%A %j", "-j", ",".join(ids)],
+                         capture_output=True, text=True)
     if run.returncode != 0:  # then two chains could write the same folder: better to stop
         raise ValueError(f"squeue cannot say whether jobs {' '.join(ids)} (of {jobs}) still run: "
                          + "; ".join(run.stderr.strip().splitlines()))
-    return sorted(set(run.stdout.split()) & set(ids), key=int)
+    held = {job for job, name in (line.split(" ", 1) for line in run.stdout.splitlines())
+            if name.startswith("dedup_")}  # an id Slurm gave again, to another job, is not ours
+    return sorted(held & set(ids), key=int)
 
 
 def check_slurm(python: str, options: dict, tasks: int):

@@ -19,17 +19,17 @@ usage="usage: bash scripts/slurm_cluster.sh start DIR [GPUS] | stop DIR"
 cmd=$1 dir=$2 gpus=${3:-0}
 
 if [ "$cmd" = stop ]; then
-    # its jobs first (a job outlives slurmd), then the daemons, by the pid files it gave them
+    # its jobs first (a job outlives slurmd): cancelled, until none runs (their steps kill what is
+    # left); then the daemons, by the pid files it gave them
     if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
         export SLURM_CONF=$dir/slurm.conf
         squeue -h -o %A | sort -u | xargs -r scancel
-        for _ in $(seq 100); do [ -z "$(squeue -h -o %A)" ] && break; sleep 0.2; done
+        for _ in $(seq 100); do [ -z "$(squeue -h -t PD,CF,R -o %A)" ] && break; sleep 0.2; done
     fi
-    for d in slurmd slurmctld munged; do
-        [ -f "$dir/$d.pid" ] || continue
-        pid=$(cat "$dir/$d.pid")
-        kill "$pid" 2>/dev/null || continue
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    pids=$(cat "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munged.pid" 2>/dev/null || true)
+    for pid in $pids; do kill "$pid" 2>/dev/null || true; done
+    for pid in $pids; do
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     done
     exit 0
 fi

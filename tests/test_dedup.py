@@ -200,6 +200,13 @@ def test_lsh_bands_follow_the_threshold():
     assert dedup.lsh_bands(0.7, 256) == (25, 10)
 
 
+def test_sbatch_options():
+    assert dedup.sbatch_options("--qos=high --account ml --exclusive --comment 'a b'") == {
+        "qos": "high", "account": "ml", "exclusive": "", "comment": "a b"}
+    with pytest.raises(ValueError, match=r"sbatch's long options only, .* \('-A' is neither\)"):
+        dedup.sbatch_options("-A ml")
+
+
 FAKE_SBATCH = r"""#!/bin/bash
 # Slurm's sbatch, as far as dedup.py needs it: record the job, run its array tasks one by one
 # (dependencies hold, since datatrove submits each stage after the one it depends on), print the id.
