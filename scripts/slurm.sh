@@ -32,9 +32,10 @@ if [ "${SLURM_NTASKS:-$SLURM_JOB_NUM_NODES}" != "$SLURM_JOB_NUM_NODES" ]; then
         "sets the processes per node" >&2
     exit 2
 fi
-# Slurm runs a copy of this file; the job's command line still names the original
-repo=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o ' Command=[^ ]*' | cut -d= -f2-)
-repo=$(dirname "$(dirname "$repo")")
+# Slurm runs a copy of this file; the job's command line still names the original, as typed
+script=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o ' Command=[^ ]*' | cut -d= -f2-)
+[[ $script = /* ]] || script=$SLURM_SUBMIT_DIR/$script
+repo=$(cd "$(dirname "$script")/.." && pwd)
 stage=$1
 [ -f "$stage" ] || stage=$repo/$stage
 [ -f "$stage" ] || { echo "error: no stage script $1 in $PWD or in $repo" >&2; exit 2; }

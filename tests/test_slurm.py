@@ -170,7 +170,8 @@ def test_requeue_resumes_and_keeps_both_logs(cluster, one_node, flags, data,  # 
     ([], "train_nope.py", "error: no stage script train_nope.py in {cwd} or in " + str(ROOT)),
 ])
 def test_refusals_are_one_line(cluster, tmp_path, sbatch_flags, stage, error):
-    job = sbatch(cluster, tmp_path, "--nodes", "1", *sbatch_flags, SLURM_SH, stage, "--steps", 1)
+    script = os.path.relpath(SLURM_SH, tmp_path)  # as typed: ../../work/repo/scripts/slurm.sh
+    job = sbatch(cluster, tmp_path, "--nodes", "1", *sbatch_flags, script, stage, "--steps", 1)
     assert wait(cluster, job) == "FAILED"
     assert log_of(tmp_path, job) == error.format(cwd=tmp_path) + "\n"
 
