@@ -28,6 +28,7 @@ when that was the default: they still refuse, whatever else is passed.
     check_program("assert 1 + 1 == 2").status    # "passed" | "failed" | "timeout"
 """
 import argparse
+import fcntl
 import inspect
 import itertools
 import json
@@ -227,7 +228,7 @@ _SANDBOX: Sandbox | None = None  # decided once per process by sandbox()
 _WARNED = False                  # the unisolated warning, once per process
 _SANDBOX_LOCK = threading.Lock()
 _UID_LOCK = threading.Lock()
-_UIDS_IN_USE: set[int] = set()
+_UIDS_IN_USE: dict[int, int] = {}  # uid -> the descriptor of its lock file
 _UID_TURN = itertools.count()
 
 
@@ -384,20 +385,32 @@ def _lease_uid():
     # One uid per running program (root only). Root's bwrap runs without a user namespace, where
     # RLIMIT_NPROC counts a uid across the machine: with a shared uid one fork bomb would starve
     # the programs beside it. Unisolated, "kill every process of the uid" is what catches a
-    # daemon. Uids are handed out in turn, so a just-freed one is not reused at once.
+    # daemon. Uids are handed out in turn, so a just-freed one is not reused at once. A lock on
+    # a file per uid (released by the kernel if we die) keeps two processes whose pids share a
+    # range (pid % 256: two test workers, two evaluations) from running programs as one uid.
+    locks = os.path.join(tempfile.gettempdir(), "codellama-sandbox-uids")
     with _UID_LOCK:
+        os.makedirs(locks, mode=0o700, exist_ok=True)
         base = UID_BASE + (os.getpid() % 256) * UIDS_PER_PROCESS
         for _ in range(UIDS_PER_PROCESS):
             uid = base + next(_UID_TURN) % UIDS_PER_PROCESS
-            if uid not in _UIDS_IN_USE:
-                _UIDS_IN_USE.add(uid)
-                return uid
+            if uid in _UIDS_IN_USE:
+                continue
+            fd = os.open(os.path.join(locks, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process runs a program as this uid
+                os.close(fd)
+                continue
+            _UIDS_IN_USE[uid] = fd
+            return uid
     raise RuntimeError(f"more than {UIDS_PER_PROCESS} programs running at once")
 
 
 def _release_uid(uid):
     with _UID_LOCK:
-        _UIDS_IN_USE.discard(uid)
+        os.close(_UIDS_IN_USE.pop(uid))
 
 
 # ---------------------------------------------------------------------------------------------

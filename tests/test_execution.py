@@ -683,3 +683,27 @@ def test_the_cpu_rlimit_binds_before_the_wall_clock(limit_runs):
     r = limit_runs["RLIMIT_CPU"]
     assert r.status == "failed" and "SIGXCPU (CPU time limit)" in r.detail, r
     assert resource.getrlimit(resource.RLIMIT_CPU)[0] == resource.RLIM_INFINITY  # the machine's
+
+
+def test_processes_sharing_a_uid_range_lease_different_uids():
+    """Root runs each program as a uid of its own, picked from a range by pid % 256: two
+    processes in one range (two test workers, two evaluations) must still never share a uid (a
+    shared uid shares RLIMIT_NPROC, and the unisolated route kills every process of its uid)."""
+    mine = [execution._lease_uid() for _ in range(3)]
+    code = ("import os, sys, execution; execution.os.getpid = lambda: int(sys.argv[1]); "
+            "print(' '.join(str(execution._lease_uid()) for _ in range(3)))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(os.getpid())], cwd=REPO,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        theirs = [int(x) for x in out.split()]
+        base = execution.UID_BASE + (os.getpid() % 256) * execution.UIDS_PER_PROCESS
+        assert all(base <= u < base + execution.UIDS_PER_PROCESS for u in mine + theirs)
+        assert len(set(mine + theirs)) == 6, (mine, theirs)
+    finally:
+        for uid in mine:
+            execution._release_uid(uid)
+    # released: another process can take them again
+    out = subprocess.run([sys.executable, "-c", code.replace("range(3)", "range(4096)"),
+                          str(os.getpid())], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and len(set(out.stdout.split())) == 4096
