@@ -33,10 +33,11 @@ Data. The Python files of --corpus (the standard library by default), split by f
 files (one in 20, by a hash of the path) are the haystacks of the retrieval prompts and the
 perplexity texts; the others are training data. LCFT trains on plain code only.
 `short` may get a share of synthetic key-value documents (--kv-share, default 10% of its
-sequences): training code with `def NAME() -> int:` functions inserted (the key and up to two
-distractors, other names than the evaluation's `my_function`, other docstrings, values of 1, 3 or
-4 digits where the evaluation asks for 2) and `assert NAME() == VALUE` at the end. The paper's
-question is whether retrieval carries to longer contexts after LCFT, not whether it emerges from
+sequences): training code with 2 to 8 `def NAME() -> int:` functions of two-digit values inserted
+(other names than the evaluation's `my_function`, other docstrings), each asked once by
+`assert NAME() == VALUE` somewhere after it: many lookups per sequence, near and far, for the
+copying to be learnt from (induction heads, Olsson et al. 2022, form on repeated tokens). The
+paper's question is whether retrieval carries to longer contexts after LCFT, not whether it emerges from
 code alone in a few minutes of training; --kv-share 0 trains on code alone. The tokenizer: a
 SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split digits).
 
@@ -96,9 +97,13 @@ SHORT_SHARE = 0.6  # of --train-seconds: `short`; the rest is shared by the thre
 WORKS, POOR, FAILS = 0.8, 0.5, 0.2  # mean accuracy over positions: "works", "poor", "fails"
 
 # Synthetic key-value documents: names, docstrings and values unlike the evaluation's
-VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check")
-NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score", "width", "port")
-assert not any(f"{v}_{n}()" in PROMPT_END for v in VERBS for n in NOUNS)
+VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check",
+         "default", "max", "min", "base", "next", "last", "first", "total", "new", "old")
+NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score", "width", "port",
+         "height", "depth", "count", "number", "version", "code", "rate", "step", "mode", "id")
+NAMES = [f"{v}_{n}" for v in VERBS for n in NOUNS if v != n] + [
+    f"_{v}_{n}" for v in VERBS for n in NOUNS if v != n]
+assert "my_function" not in NAMES and not any(f"{n}()" in PROMPT_END for n in NAMES)
 DOCSTRINGS = ("", '    """The configured value."""\n', '    """Checked below."""\n',
               "    # fixed by the caller\n")
 
@@ -160,22 +165,23 @@ def train_tokenizer(train: Path, out: Path, vocab: int) -> Path:
 
 def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
     """Training code of about `chars` characters (whole top-level statements of random files)
-    holding a key function and up to two distractors at random statement boundaries, ending with
-    the assertion of the key's value."""
+    holding 2 to 8 key functions of two-digit values at random statement boundaries, each asked
+    once by `assert NAME() == VALUE` somewhere after it (a lookup over a random distance, as the
+    evaluation's is over a random position): many retrievals per sequence to learn from."""
     pieces = []
     while sum(map(len, pieces)) < chars:
         f = rng.choice(files)
         k = rng.randrange(len(f))
-        pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]]
-    # the key first, then up to two distractors, each with another name and value
-    names = rng.sample([f"{v}_{n}" for v in VERBS for n in NOUNS], rng.randint(1, 3))
-    values = []
+        pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]
+                   if len(x) < chars / 2]  # many short pieces: the keys spread over the document
+    names = rng.sample(NAMES, rng.randint(2, 8))
     for name in names:
-        digits = rng.choice((1, 3, 4))  # the evaluation's values have 2
-        values.append(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
-        pieces.insert(rng.randint(0, len(pieces)), f"def {name}() -> int:\n"
-                      f"{rng.choice(DOCSTRINGS)}    return {values[-1]}\n\n\n")
-    return "".join(pieces) + f"assert {names[0]}() == {values[0]}\n"
+        value = rng.randint(10, 99)  # two digits, as the evaluation's (App. G.2)
+        at = rng.randint(0, len(pieces))
+        pieces.insert(rng.randint(at, len(pieces)), f"assert {name}() == {value}\n")
+        pieces.insert(at, f"def {name}() -> int:\n{rng.choice(DOCSTRINGS)}"
+                      f"    return {value}\n\n\n")
+    return "".join(pieces)
 
 
 def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs: int,
@@ -257,26 +263,34 @@ def findings(grid: dict, L: int) -> list[tuple[str, bool, str]]:
     """Which of Table 18's findings the grid shows: (finding, reproduced, the numbers that decide).
     grid: {model: {(length, position): accuracy}} over lengths L, 2L, 4L, 6L; "works" is a mean
     over positions of at least WORKS, "poor" below POOR, "fails" below FAILS, "some" at least
-    FAILS."""
+    FAILS. A model "fails at kL" only if it works at L: one that retrieves nowhere (untrained, or
+    whose fine-tuning erased what `short` learnt) says nothing about lengths."""
     def m(model, k):
         return mean_at(grid[model], k * L)
+
+    def works(model, k):
+        return m(model, k) >= WORKS
+
+    def fails(model, k):
+        return works(model, 1) and m(model, k) < FAILS
 
     def fmt(model, *ks):
         return ", ".join(f"{model} {k}L {m(model, k):.0%}" for k in ks)
 
-    before = [m("short", 1) >= WORKS] + [m(s, k) < FAILS for s in ("short", "short-100b")
-                                          for k in (2, 4, 6)]
-    at0 = grid["lcft-linear"][4 * L, 0.0]
+    lin, at0 = "lcft-linear", grid["lcft-linear"][4 * L, 0.0]
     return [
-        ("before LCFT, retrieval only within L, whatever the base", all(before),
+        # sec. 3.3 / Table 18: "works only within 4K", with base 1e4 or 1e6 at inference
+        ("before LCFT, retrieval works within L and fails beyond, with base b or 100b",
+         all(fails(s, k) for s in ("short", "short-100b") for k in (2, 4, 6)),
          f"{fmt('short', 1, 2, 4, 6)}; {fmt('short-100b', 1, 2, 4, 6)}"),
-        ("LCFT with base b fails at 2L", m("lcft-b", 2) < FAILS, fmt("lcft-b", 1, 2)),
+        ("LCFT with base b works at L and fails at 2L", fails("lcft-b", 2), fmt("lcft-b", 1, 2)),
         ("linear scaling 1/4 works to 2L, is poor at 4L with the key at position 0, fails at 6L",
-         m("lcft-linear", 2) >= WORKS and at0 < POOR and m("lcft-linear", 6) < FAILS,
-         f"{fmt('lcft-linear', 2)}, 4L position 0 {at0:.0%}, {fmt('lcft-linear', 6)}"),
-        ("base 100b retrieves up to 4L and partly at 6L",
-         min(m("lcft-100b", 2), m("lcft-100b", 4)) >= WORKS and m("lcft-100b", 6) >= FAILS,
-         fmt("lcft-100b", 2, 4, 6)),
+         works(lin, 2) and works(lin, 1) and at0 < POOR and fails(lin, 6),
+         f"{fmt(lin, 1, 2)}, 4L position 0 {at0:.0%}, {fmt(lin, 6)}"),
+        # Table 17's 7B row: works at 8K and 16K (means 98% and 84%), partly at 24K (58%)
+        ("base 100b works up to 4L and at least partly at 6L",
+         all(works("lcft-100b", k) for k in (1, 2, 4)) and m("lcft-100b", 6) >= FAILS,
+         fmt("lcft-100b", 1, 2, 4, 6)),
     ]
 
 
