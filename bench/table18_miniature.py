@@ -39,7 +39,8 @@ sequences): training code with 2 to 8 `def NAME() -> int:` functions of two-digi
 copying to be learnt from (induction heads, Olsson et al. 2022, form on repeated tokens). The
 paper's question is whether retrieval carries to longer contexts after LCFT, not whether it
 emerges from code alone in a few minutes of training; --kv-share 0 trains on code alone. The
-tokenizer: a SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split digits).
+tokenizer: a SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split
+digits).
 
 Steps: --short-steps and --long-steps, or --train-seconds, which sizes both by a probe (a short
 run of `short`'s settings, its tokens/s): 60% of the seconds for `short`, 40% for the three LCFT
