@@ -31,7 +31,11 @@ pairs' angles over the pretraining length: b = 1e4 * L / 4096 (1,250 at L = 512)
 
 Data. The Python files of --corpus (the standard library by default), split by file: held-out
 files (one in 20, by a hash of the path) are the haystacks of the retrieval prompts and the
-perplexity texts; the others are training data. LCFT trains on plain code only.
+perplexity texts; the others are training data. LCFT trains on plain code (the paper's LCFT data
+is code, whose natural long-range lookups keep a 7B model's retrieval exercised), or with
+--lcft-kv-share on code and key-value documents of up to 4L, the same for the three runs: a model
+of a few million parameters that learnt retrieval from synthetic documents alone may otherwise
+lose it to plain code, and the grid would measure forgetting, not the RoPE change.
 `short` may get a share of synthetic key-value documents (--kv-share, default 10% of its
 sequences): training code with 2 to 8 `def NAME() -> int:` functions of two-digit values inserted
 (other names than the evaluation's `my_function`, other docstrings), each asked once by
@@ -78,24 +82,33 @@ import random
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import pyplot, save_figure, write_atomic  # noqa: E402
-from eval import PROMPT_END, haystack_files  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from train import flops_per_token  # noqa: E402
+from eval import (PROMPT_END, Haystacks, greedy_completion, haystack_files,  # noqa: E402
+                  read_texts, retrieval_grid)
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from train import complete_checkpoints, flops_per_token  # noqa: E402
 
 STDLIB = Path(os.__file__).parent
 POSITIONS = (0.0, 0.2, 0.4, 0.6, 0.8)  # Table 17 shows 0, 0.2, 0.4; Fig. 4b runs to 1.0
 MODELS = ("short", "short-100b", "lcft-b", "lcft-100b", "lcft-linear")
 SHORT_SHARE = 0.6  # of --train-seconds: `short`; the rest is shared by the three LCFT runs
 WORKS, POOR, FAILS = 0.8, 0.5, 0.2  # mean accuracy over positions: "works", "poor", "fails"
+CHECK_SAMPLES = 64  # prompts per cell of the check within L (the paper's per cell)
+EMERGENCE_POINTS = 10  # checkpoints of `short` whose retrieval within L is measured
+EMERGENCE_SAMPLES = 8  # prompts per key position and length at each of them
 
 # Synthetic key-value documents: names, docstrings and values unlike the evaluation's
 VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check",
@@ -187,8 +200,8 @@ def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
 
 def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs: int,
                    seed: int) -> Path:
-    """n_docs synthetic documents of L/8 to 0.9 L tokens (so that most fit in one sequence)."""
-    path = out / f"keyvalue-{n_docs}.jsonl"
+    """n_docs synthetic documents of 1/8 to 0.9 of seq_len tokens (most fit in one sequence)."""
+    path = out / f"keyvalue-{seq_len}-{n_docs}.jsonl"
     if path.exists():
         return path
     rng = random.Random(seed)
@@ -248,6 +261,33 @@ def plan_steps(args, tps: float, margs: ModelArgs, L: int) -> tuple[int, int]:
     long_tps = tps * flops_per_token(margs, L) / flops_per_token(margs, 4 * L)
     long = (1 - SHORT_SHARE) / 3 * args.train_seconds * long_tps / args.batch_tokens
     return max(1, int(short)), max(1, int(long))
+
+
+def emergence(run: Path, margs: ModelArgs, tok_path: Path, held: Path, L: int,
+              seed: int) -> list[dict]:
+    """Retrieval of each kept checkpoint of a run at L/2 and L (EMERGENCE_SAMPLES prompts per
+    key position, the check's haystacks): how the skill appears over the steps. margs: the run's
+    architecture (its preset, the tokenizer's vocabulary, base b); works while the run trains."""
+    tok = Tokenizer.from_pretrained(tok_path)
+    margs = replace(margs, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    model = Transformer(margs).eval()
+    haystacks = Haystacks(tok, haystack_files(read_texts(held, {".py": "python"})))
+    complete = greedy_completion(model, tok, max_new_tokens=6)
+    rows = []
+    for ckpt in complete_checkpoints(run):
+        state = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():  # one process: no process group, as train.py loads
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+        set_model_state_dict(model, state["model"])
+        cells, _ = retrieval_grid(haystacks, [L // 2, L], POSITIONS, EMERGENCE_SAMPLES, seed,
+                                  complete)
+        acc = {(c["length"], c["position"]): c["accuracy"] for c in cells}
+        step = json.loads((ckpt / "train_state.json").read_text())["step"]
+        rows.append({"step": step, "at_half_L": mean_at(acc, L // 2), "at_L": mean_at(acc, L)})
+        print(f"emergence: step {step}: {rows[-1]['at_half_L']:.0%} at L/2, "
+              f"{rows[-1]['at_L']:.0%} at L", flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +410,9 @@ def main():
     p.add_argument("--kv-share", type=float, default=0.1,
                    help="share of `short`'s sequences drawn from synthetic key-value documents "
                         "(0: code alone)")
+    p.add_argument("--lcft-kv-share", type=float, default=0.0,
+                   help="the same for each LCFT run, its documents as long as 4L (0: plain code, "
+                        "as the paper's LCFT data)")
     p.add_argument("--vocab", type=int, default=2048, help="pieces of the trained tokenizer")
     p.add_argument("--corpus", nargs="+", default=[str(STDLIB)],
                    help="folders of Python files (default: the standard library, tests left out)")
@@ -435,8 +478,18 @@ def main():
         data = ["--data", f"{train}:{1 - args.kv_share}", f"{kv}:{args.kv_share}"]
     if not (out / "short/hf/config.json").exists():
         run_all({"short": short_cmd + [*data, "--out", out / "short", "--steps", S,
-                                       "--warmup", max(1, S // 10), "--ckpt-every", S]},
+                                       "--warmup", max(1, S // 10),
+                                       # the checkpoints the emergence curve is measured on
+                                       "--ckpt-every", max(1, S // EMERGENCE_POINTS),
+                                       "--keep-ckpts", EMERGENCE_POINTS + 1]},
                 env, out, 1)
+
+    curve = out / "eval/emergence.json"
+    if not curve.exists():
+        margs_short = replace(margs, rope_theta=b)
+        write_atomic(curve, json.dumps(emergence(out / "short", margs_short, tok, held, L,
+                                                 args.seed), indent=1) + "\n")
+    emerged = json.loads(curve.read_text())
 
     # the check (does `short` retrieve within L?) and the three LCFT runs, side by side
     retrieval = [sys.executable, "eval.py", "retrieval", "--data", held, "--samples", args.samples,
@@ -444,14 +497,19 @@ def main():
     cmds = {}
     if not (out / "eval/check/retrieval.json").exists():
         cmds["check"] = retrieval + ["--ckpt", out / "short/hf", "--lengths", f"{L // 2},{L}",
-                                     "--out", out / "eval/check"]
+                                     "--samples", CHECK_SAMPLES, "--out", out / "eval/check"]
+    long_data = ["--data", train]
+    if args.lcft_kv_share > 0:  # the same documents for the three runs
+        n_docs = math.ceil(args.lcft_kv_share * LS * args.batch_tokens / (2 * L))
+        kv = write_keyvalue(out, train, tok, 4 * L, min(n_docs, 50_000), args.seed)
+        long_data = ["--data", f"{train}:{1 - args.lcft_kv_share}", f"{kv}:{args.lcft_kv_share}"]
     lcft = {"lcft-b": ["--base", b], "lcft-100b": ["--base", 100 * b],
             "lcft-linear": ["--base", b, "--rope-scale", 4]}
     for name, rope in lcft.items():
         if not (out / name / "hf/config.json").exists():
             # the miniature's activations are small: no need to recompute them
             cmds[name] = [sys.executable, "train_longctx.py", "--init", out / "short", *rope,
-                          "--data", train, "--out", out / name, "--seq-len", 4 * L,
+                          *long_data, "--out", out / name, "--seq-len", 4 * L,
                           "--micro-batch", args.batch_tokens // (4 * L), "--steps", LS,
                           "--ckpt-every", LS, "--lr", args.long_lr,
                           "--warmup", max(1, LS // 10), "--no-activation-checkpointing", *common]
@@ -486,18 +544,27 @@ def main():
     check = {n: mean_at(check_grid, n) for n in (L // 2, L)}
     ok = min(check.values()) >= WORKS
     table = findings(grid, L)
-    kv = (f"{args.kv_share:.0%} of its sequences synthetic key-value documents (other names and "
-          "values than the evaluation's)" if args.kv_share > 0 else "code alone")
+    kv = (f"{args.kv_share:.0%} of its sequences synthetic key-value documents (other names "
+          "than the evaluation's)" if args.kv_share > 0 else "code alone")
+    long_kv = (f"code and {args.lcft_kv_share:.0%} key-value documents of up to 4L"
+               if args.lcft_kv_share > 0 else "plain code")
     md = ["# Table 18 in miniature: key retrieval after long-context fine-tuning", "",
           f"{args.preset} preset, {args.vocab}-piece BPE, {args.geometry} geometry (b = {b:g}, "
           f"100b = {100 * b:g}); `short`: {S} steps of {args.batch_tokens} tokens at L = {L}, "
-          f"{kv}; each LCFT run: {LS} steps at {4 * L} tokens, plain code, LR {args.long_lr:g}; "
-          f"{args.samples} prompts per cell, haystacks of held-out files"
+          f"LR {args.lr:g}, {kv}; each LCFT run: {LS} steps at {4 * L} tokens, {long_kv}, "
+          f"LR {args.long_lr:g}; {args.samples} prompts per cell, haystacks of held-out files"
           + (f"; steps sized by a probe ({steps['tokens_per_s']:,.0f} tokens/s) for "
              f"{args.train_seconds:g} s of training" if steps["tokens_per_s"] else "") + ".", "",
           f"`short` retrieves within L (mean over positions at L/2 = {L // 2}: "
-          f"{check[L // 2]:.0%}, at L: {check[L]:.0%}; {WORKS:.0%} asked): "
+          f"{check[L // 2]:.0%}, at L: {check[L]:.0%}; {CHECK_SAMPLES} prompts per cell, "
+          f"{WORKS:.0%} asked): "
           + ("yes" if ok else "NO, so the findings below say little"), "",
+          f"Retrieval within L over `short`'s training (mean over key positions, "
+          f"{EMERGENCE_SAMPLES} prompts per position):", "",
+          "| step | " + " | ".join(str(r["step"]) for r in emerged) + " |",
+          "|---|" + "---|" * len(emerged),
+          f"| L/2 = {L // 2} | " + " | ".join(f"{r['at_half_L']:.0%}" for r in emerged) + " |",
+          f"| L = {L} | " + " | ".join(f"{r['at_L']:.0%}" for r in emerged) + " |", "",
           "Accuracy (%) at key positions " + " / ".join(f"{x:g}" for x in POSITIONS)
           + " (Table 17's layout; `positions /` is the linear scaling factor):", "",
           *grid_table(grid, about, L, POSITIONS), "",
@@ -519,7 +586,7 @@ def main():
         "lengths": lengths, "models": about,
         "accuracy": {name: [[acc[n, x] for x in POSITIONS] for n in lengths]
                      for name, acc in grid.items()},
-        "ppl": ppl, "short_retrieves_within_L": ok,
+        "ppl": ppl, "short_retrieves_within_L": ok, "emergence": emerged,
         "findings": [{"finding": t, "reproduced": y, "numbers": s} for t, y, s in table]},
         indent=1) + "\n")
     print("\n".join(md))
