@@ -37,7 +37,7 @@ is code, whose natural long-range lookups keep a 7B model's retrieval exercised)
 of a few million parameters that learnt retrieval from synthetic documents alone may otherwise
 lose it to plain code, and the grid would measure forgetting, not the RoPE change.
 `short` may get a share of synthetic key-value documents (--kv-share, default 10% of its
-sequences): training code with 2 to 8 `def NAME() -> int:` functions of two-digit values inserted
+sequences): training code with 2 to 6 `def NAME() -> int:` functions of two-digit values inserted
 (other names than the evaluation's `my_function`, other docstrings), each asked once by
 `assert NAME() == VALUE` somewhere after it: many lookups per sequence, near and far, for the
 copying to be learnt from (induction heads, Olsson et al. 2022, form on repeated tokens). The
@@ -178,18 +178,21 @@ def train_tokenizer(train: Path, out: Path, vocab: int) -> Path:
 
 
 def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
-    """Training code of about `chars` characters (whole top-level statements of random files)
-    holding 2 to 8 key functions of two-digit values at random statement boundaries, each asked
-    once by `assert NAME() == VALUE` somewhere after it (a lookup over a random distance, as the
-    evaluation's is over a random position): many retrievals per sequence to learn from."""
+    """Training code of about `chars` characters (short top-level statements of random files), a
+    few of them repeated further on (plain copying, as induction heads learn it: Olsson et al.
+    2022), holding 2 to 6 key functions of two-digit values at random statement boundaries, each
+    asked once by `assert NAME() == VALUE` somewhere after it (a lookup over a random distance,
+    as the evaluation's is over a random position)."""
     pieces = []
     while sum(map(len, pieces)) < chars:
         f = rng.choice(files)
         k = rng.randrange(len(f))
         pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]
-                   if len(x) < chars / 2]  # many short pieces: the keys spread over the document
-    names = rng.sample(NAMES, rng.randint(2, 8))
-    for name in names:
+                   if len(x) < chars / 4]  # many short pieces: the keys spread over the document
+    for _ in range(rng.randint(1, 3) if len(pieces) > 1 else 0):
+        k = rng.randrange(len(pieces) - 1)
+        pieces.insert(rng.randint(k + 1, len(pieces)), pieces[k])
+    for name in rng.sample(NAMES, rng.randint(2, 6)):
         value = rng.randint(10, 99)  # two digits, as the evaluation's (App. G.2)
         at = rng.randint(0, len(pieces))
         pieces.insert(rng.randint(at, len(pieces)), f"assert {name}() == {value}\n")
@@ -200,7 +203,8 @@ def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
 
 def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs: int,
                    seed: int) -> Path:
-    """n_docs synthetic documents of 1/8 to 0.9 of seq_len tokens (most fit in one sequence)."""
+    """n_docs synthetic documents: code of 1/8 to 1/2 of seq_len tokens and the keys (~100
+    tokens), most within one sequence (a key cut off from its question teaches nothing)."""
     path = out / f"keyvalue-{seq_len}-{n_docs}.jsonl"
     if path.exists():
         return path
@@ -211,7 +215,7 @@ def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs:
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     sample = "".join(texts[:50])
     chars_per_token = len(sample) / len(sp.encode(sample))
-    docs = [keyvalue_doc(rng, files, int(rng.uniform(seq_len / 8, 0.9 * seq_len)
+    docs = [keyvalue_doc(rng, files, int(rng.uniform(seq_len / 8, seq_len / 2)
                                          * chars_per_token)) for _ in range(n_docs)]
     write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
