@@ -56,12 +56,13 @@ Writes OUT/table18.md (the grid laid out as Tables 17/18, the perplexities, the 
 from the numbers), OUT/table18.json and OUT/table18.png (a retrieval heatmap per model, and
 perplexity vs length).
 
-CPU, the smallest settings (tiny preset, L = 256; about 7 minutes on 2 busy cores; nothing
-retrieves at this size, it checks the pipeline):
+CPU, 2 cores shared with other jobs (tiny preset, L = 256, 4.1M tokens for `short`; 80% of its
+sequences and of the LCFT runs' key-value documents; about 75 minutes wall at a load average of
+~15; it did not retrieve at this size, see the README):
 
     python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 256 \\
-        --short-steps 20 --long-steps 4 --batch-tokens 2048 --vocab 1024 --samples 2 \\
-        --tokens-per-length 1024 --threads 1
+        --short-steps 1000 --long-steps 100 --batch-tokens 4096 --vocab 1024 --samples 32 \\
+        --kv-share 0.8 --lcft-kv-share 0.8 --lr 3e-3 --jobs 3 --threads 1
 
 One H200, at most 9 minutes, bringing back only the tables and the figure (mini preset, L = 512,
 the standard library and a 100 MB sample of site-packages, steps sized by the probe for 240 s of
@@ -441,6 +442,7 @@ def main():
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # this process's own evaluation (emergence)
     jobs = args.jobs or (16 if torch.cuda.is_available() else 1)
     L = args.short_len
     if L < 256:  # the key function and the question take ~50 tokens: at L/2 most must be code
@@ -496,7 +498,7 @@ def main():
     emerged = json.loads(curve.read_text())
 
     # the check (does `short` retrieve within L?) and the three LCFT runs, side by side
-    retrieval = [sys.executable, "eval.py", "retrieval", "--data", held, "--samples", args.samples,
+    retrieval = [sys.executable, "eval.py", "retrieval", "--data", held,
                  "--positions", ",".join(f"{x:g}" for x in POSITIONS), "--seed", args.seed]
     cmds = {}
     if not (out / "eval/check/retrieval.json").exists():
@@ -527,7 +529,8 @@ def main():
         ev = out / "eval" / name
         if not (ev / "retrieval.json").exists():
             cmds[f"retrieval-{name}"] = retrieval + [
-                "--ckpt", *ckpt, "--lengths", ",".join(map(str, lengths)), "--out", ev]
+                "--ckpt", *ckpt, "--lengths", ",".join(map(str, lengths)),
+                "--samples", args.samples, "--out", ev]
         if not (ev / "ppl.json").exists():
             cmds[f"ppl-{name}"] = [sys.executable, "eval.py", "ppl", "--ckpt", *ckpt,
                                    "--data", held, "--min-chars", 0,
