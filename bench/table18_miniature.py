@@ -56,9 +56,9 @@ Writes OUT/table18.md (the grid laid out as Tables 17/18, the perplexities, the 
 from the numbers), OUT/table18.json and OUT/table18.png (a retrieval heatmap per model, and
 perplexity vs length).
 
-CPU, 2 cores shared with other jobs (tiny preset, L = 256, 4.1M tokens for `short`; 80% of its
-sequences and of the LCFT runs' key-value documents; about 75 minutes wall at a load average of
-~15; it did not retrieve at this size, see the README):
+CPU, the run the README reports (tiny preset, L = 256, 4.1M tokens for `short`, 80% of its
+sequences and of the LCFT runs' key-value documents; 42 minutes on 2 cores shared with other jobs,
+load average ~15; `short` did not learn to retrieve at this size):
 
     python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 256 \\
         --short-steps 1000 --long-steps 100 --batch-tokens 4096 --vocab 1024 --samples 32 \\
