@@ -748,6 +748,16 @@ def retrieval_answer(text):
     return int(m.group(1)) if m else None
 
 
+def greedy_completion(model, tok, max_new_tokens):
+    """complete(prompt ids) -> the greedy continuation's text, as retrieval_grid takes it."""
+    stop_ids = {tok.eos_id} if tok.eos_id is not None else set()
+
+    def complete(ids):
+        out = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0]
+        return tok.continuation(ids)(out)
+    return complete
+
+
 def retrieval_grid(haystacks, lengths, positions, samples, seed, complete):
     """Accuracy for every (length, position) cell; `complete(prompt ids)` returns the model's
     continuation text. Returns (cells, rows): one row per sample."""
@@ -810,15 +820,9 @@ def retrieval(args):
     if not files:
         raise SystemExit(f"error: --data {args.data}: no Python file that parses")
     haystacks = Haystacks(tok, files)
-    stop_ids = {tok.eos_id} if tok.eos_id is not None else set()
-
-    def complete(ids):
-        out = generate(model, ids, args.max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0]
-        return tok.continuation(ids)(out)
-
     try:
         cells, rows = retrieval_grid(haystacks, lengths, positions, args.samples, args.seed,
-                                     complete)
+                                     greedy_completion(model, tok, args.max_new_tokens))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     result = {"ckpt": args.ckpt, "data": args.data or "humaneval programs",

@@ -31,14 +31,20 @@ pairs' angles over the pretraining length: b = 1e4 * L / 4096 (1,250 at L = 512)
 
 Data. The Python files of --corpus (the standard library by default), split by file: held-out
 files (one in 20, by a hash of the path) are the haystacks of the retrieval prompts and the
-perplexity texts; the others are training data. LCFT trains on plain code only.
+perplexity texts; the others are training data. LCFT trains on plain code (the paper's LCFT data
+is code, whose natural long-range lookups keep a 7B model's retrieval exercised), or with
+--lcft-kv-share on code and key-value documents of up to 4L, the same for the three runs: a model
+of a few million parameters that learnt retrieval from synthetic documents alone may otherwise
+lose it to plain code, and the grid would measure forgetting, not the RoPE change.
 `short` may get a share of synthetic key-value documents (--kv-share, default 10% of its
-sequences): training code with `def NAME() -> int:` functions inserted (the key and up to two
-distractors, other names than the evaluation's `my_function`, other docstrings, values of 1, 3 or
-4 digits where the evaluation asks for 2) and `assert NAME() == VALUE` at the end. The paper's
-question is whether retrieval carries to longer contexts after LCFT, not whether it emerges from
-code alone in a few minutes of training; --kv-share 0 trains on code alone. The tokenizer: a
-SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split digits).
+sequences): training code with 2 to 6 `def NAME() -> int:` functions of two-digit values inserted
+(other names than the evaluation's `my_function`, other docstrings), each asked once by
+`assert NAME() == VALUE` somewhere after it: many lookups per sequence, near and far, for the
+copying to be learnt from (induction heads, Olsson et al. 2022, form on repeated tokens). The
+paper's question is whether retrieval carries to longer contexts after LCFT, not whether it
+emerges from code alone in a few minutes of training; --kv-share 0 trains on code alone. The
+tokenizer: a SentencePiece BPE of --vocab pieces trained here, Llama-style (byte fallback, split
+digits).
 
 Steps: --short-steps and --long-steps, or --train-seconds, which sizes both by a probe (a short
 run of `short`'s settings, its tokens/s): 60% of the seconds for `short`, 40% for the three LCFT
@@ -50,12 +56,13 @@ Writes OUT/table18.md (the grid laid out as Tables 17/18, the perplexities, the 
 from the numbers), OUT/table18.json and OUT/table18.png (a retrieval heatmap per model, and
 perplexity vs length).
 
-CPU, the smallest settings (tiny preset, L = 256; about 7 minutes on 2 busy cores; nothing
-retrieves at this size, it checks the pipeline):
+CPU, the run the README reports (tiny preset, L = 256, 4.1M tokens for `short`, 80% of its
+sequences and of the LCFT runs' key-value documents; 42 minutes on 2 cores shared with other jobs,
+load average ~15; `short` did not learn to retrieve at this size):
 
     python bench/table18_miniature.py --out runs/table18-cpu --preset tiny --short-len 256 \\
-        --short-steps 20 --long-steps 4 --batch-tokens 2048 --vocab 1024 --samples 2 \\
-        --tokens-per-length 1024 --threads 1
+        --short-steps 1000 --long-steps 100 --batch-tokens 4096 --vocab 1024 --samples 32 \\
+        --kv-share 0.8 --lcft-kv-share 0.8 --lr 3e-3 --jobs 3 --threads 1
 
 One H200, at most 9 minutes, bringing back only the tables and the figure (mini preset, L = 512,
 the standard library and a 100 MB sample of site-packages, steps sized by the probe for 240 s of
@@ -76,29 +83,42 @@ import random
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import pyplot, save_figure, write_atomic  # noqa: E402
-from eval import PROMPT_END, haystack_files  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from train import flops_per_token  # noqa: E402
+from eval import (PROMPT_END, Haystacks, greedy_completion, haystack_files,  # noqa: E402
+                  read_texts, retrieval_grid)
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from train import complete_checkpoints, flops_per_token  # noqa: E402
 
 STDLIB = Path(os.__file__).parent
 POSITIONS = (0.0, 0.2, 0.4, 0.6, 0.8)  # Table 17 shows 0, 0.2, 0.4; Fig. 4b runs to 1.0
 MODELS = ("short", "short-100b", "lcft-b", "lcft-100b", "lcft-linear")
 SHORT_SHARE = 0.6  # of --train-seconds: `short`; the rest is shared by the three LCFT runs
 WORKS, POOR, FAILS = 0.8, 0.5, 0.2  # mean accuracy over positions: "works", "poor", "fails"
+CHECK_SAMPLES = 64  # prompts per cell of the check within L (the paper's per cell)
+EMERGENCE_POINTS = 10  # checkpoints of `short` whose retrieval within L is measured
+EMERGENCE_SAMPLES = 8  # prompts per key position and length at each of them
 
 # Synthetic key-value documents: names, docstrings and values unlike the evaluation's
-VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check")
-NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score", "width", "port")
-assert not any(f"{v}_{n}()" in PROMPT_END for v in VERBS for n in NOUNS)
+VERBS = ("get", "compute", "load", "read", "find", "count", "fetch", "make", "parse", "check",
+         "default", "max", "min", "base", "next", "last", "first", "total", "new", "old")
+NOUNS = ("value", "limit", "size", "total", "index", "offset", "level", "score", "width", "port",
+         "height", "depth", "count", "number", "version", "code", "rate", "step", "mode", "id")
+NAMES = [f"{v}_{n}" for v in VERBS for n in NOUNS if v != n] + [
+    f"_{v}_{n}" for v in VERBS for n in NOUNS if v != n]
+assert "my_function" not in NAMES and not any(f"{n}()" in PROMPT_END for n in NAMES)
 DOCSTRINGS = ("", '    """The configured value."""\n', '    """Checked below."""\n',
               "    # fixed by the caller\n")
 
@@ -159,29 +179,34 @@ def train_tokenizer(train: Path, out: Path, vocab: int) -> Path:
 
 
 def keyvalue_doc(rng: random.Random, files: list, chars: int) -> str:
-    """Training code of about `chars` characters (whole top-level statements of random files)
-    holding a key function and up to two distractors at random statement boundaries, ending with
-    the assertion of the key's value."""
+    """Training code of about `chars` characters (short top-level statements of random files), a
+    few of them repeated further on (plain copying, as induction heads learn it: Olsson et al.
+    2022), holding 2 to 6 key functions of two-digit values at random statement boundaries, each
+    asked once by `assert NAME() == VALUE` somewhere after it (a lookup over a random distance,
+    as the evaluation's is over a random position)."""
     pieces = []
     while sum(map(len, pieces)) < chars:
         f = rng.choice(files)
         k = rng.randrange(len(f))
-        pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]]
-    # the key first, then up to two distractors, each with another name and value
-    names = rng.sample([f"{v}_{n}" for v in VERBS for n in NOUNS], rng.randint(1, 3))
-    values = []
-    for name in names:
-        digits = rng.choice((1, 3, 4))  # the evaluation's values have 2
-        values.append(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
-        pieces.insert(rng.randint(0, len(pieces)), f"def {name}() -> int:\n"
-                      f"{rng.choice(DOCSTRINGS)}    return {values[-1]}\n\n\n")
-    return "".join(pieces) + f"assert {names[0]}() == {values[0]}\n"
+        pieces += [x if x.endswith("\n") else x + "\n" for x in f[k:k + rng.randint(1, 4)]
+                   if len(x) < chars / 4]  # many short pieces: the keys spread over the document
+    for _ in range(rng.randint(1, 3) if len(pieces) > 1 else 0):
+        k = rng.randrange(len(pieces) - 1)
+        pieces.insert(rng.randint(k + 1, len(pieces)), pieces[k])
+    for name in rng.sample(NAMES, rng.randint(2, 6)):
+        value = rng.randint(10, 99)  # two digits, as the evaluation's (App. G.2)
+        at = rng.randint(0, len(pieces))
+        pieces.insert(rng.randint(at, len(pieces)), f"assert {name}() == {value}\n")
+        pieces.insert(at, f"def {name}() -> int:\n{rng.choice(DOCSTRINGS)}"
+                      f"    return {value}\n\n\n")
+    return "".join(pieces)
 
 
 def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs: int,
                    seed: int) -> Path:
-    """n_docs synthetic documents of L/8 to 0.9 L tokens (so that most fit in one sequence)."""
-    path = out / f"keyvalue-{n_docs}.jsonl"
+    """n_docs synthetic documents: code of 1/8 to 1/2 of seq_len tokens and the keys (~100
+    tokens), most within one sequence (a key cut off from its question teaches nothing)."""
+    path = out / f"keyvalue-{seq_len}-{n_docs}.jsonl"
     if path.exists():
         return path
     rng = random.Random(seed)
@@ -191,7 +216,7 @@ def write_keyvalue(out: Path, train: Path, tok_path: Path, seq_len: int, n_docs:
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     sample = "".join(texts[:50])
     chars_per_token = len(sample) / len(sp.encode(sample))
-    docs = [keyvalue_doc(rng, files, int(rng.uniform(seq_len / 8, 0.9 * seq_len)
+    docs = [keyvalue_doc(rng, files, int(rng.uniform(seq_len / 8, seq_len / 2)
                                          * chars_per_token)) for _ in range(n_docs)]
     write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
@@ -243,6 +268,33 @@ def plan_steps(args, tps: float, margs: ModelArgs, L: int) -> tuple[int, int]:
     return max(1, int(short)), max(1, int(long))
 
 
+def emergence(run: Path, margs: ModelArgs, tok_path: Path, held: Path, L: int,
+              seed: int) -> list[dict]:
+    """Retrieval of each kept checkpoint of a run at L/2 and L (EMERGENCE_SAMPLES prompts per
+    key position, the check's haystacks): how the skill appears over the steps. margs: the run's
+    architecture (its preset, the tokenizer's vocabulary, base b); works while the run trains."""
+    tok = Tokenizer.from_pretrained(tok_path)
+    margs = replace(margs, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    model = Transformer(margs).eval()
+    haystacks = Haystacks(tok, haystack_files(read_texts(held, {".py": "python"})))
+    complete = greedy_completion(model, tok, max_new_tokens=6)
+    rows = []
+    for ckpt in complete_checkpoints(run):
+        state = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():  # one process: no process group, as train.py loads
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+        set_model_state_dict(model, state["model"])
+        cells, _ = retrieval_grid(haystacks, [L // 2, L], POSITIONS, EMERGENCE_SAMPLES, seed,
+                                  complete)
+        acc = {(c["length"], c["position"]): c["accuracy"] for c in cells}
+        step = json.loads((ckpt / "train_state.json").read_text())["step"]
+        rows.append({"step": step, "at_half_L": mean_at(acc, L // 2), "at_L": mean_at(acc, L)})
+        print(f"emergence: step {step}: {rows[-1]['at_half_L']:.0%} at L/2, "
+              f"{rows[-1]['at_L']:.0%} at L", flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # The report: Tables 17/18's layout and the four findings, computed from the grid
 
@@ -257,26 +309,34 @@ def findings(grid: dict, L: int) -> list[tuple[str, bool, str]]:
     """Which of Table 18's findings the grid shows: (finding, reproduced, the numbers that decide).
     grid: {model: {(length, position): accuracy}} over lengths L, 2L, 4L, 6L; "works" is a mean
     over positions of at least WORKS, "poor" below POOR, "fails" below FAILS, "some" at least
-    FAILS."""
+    FAILS. A model "fails at kL" only if it works at L: one that retrieves nowhere (untrained, or
+    whose fine-tuning erased what `short` learnt) says nothing about lengths."""
     def m(model, k):
         return mean_at(grid[model], k * L)
+
+    def works(model, k):
+        return m(model, k) >= WORKS
+
+    def fails(model, k):
+        return works(model, 1) and m(model, k) < FAILS
 
     def fmt(model, *ks):
         return ", ".join(f"{model} {k}L {m(model, k):.0%}" for k in ks)
 
-    before = [m("short", 1) >= WORKS] + [m(s, k) < FAILS for s in ("short", "short-100b")
-                                          for k in (2, 4, 6)]
-    at0 = grid["lcft-linear"][4 * L, 0.0]
+    lin, at0 = "lcft-linear", grid["lcft-linear"][4 * L, 0.0]
     return [
-        ("before LCFT, retrieval only within L, whatever the base", all(before),
+        # sec. 3.3 / Table 18: "works only within 4K", with base 1e4 or 1e6 at inference
+        ("before LCFT, retrieval works within L and fails beyond, with base b or 100b",
+         all(fails(s, k) for s in ("short", "short-100b") for k in (2, 4, 6)),
          f"{fmt('short', 1, 2, 4, 6)}; {fmt('short-100b', 1, 2, 4, 6)}"),
-        ("LCFT with base b fails at 2L", m("lcft-b", 2) < FAILS, fmt("lcft-b", 1, 2)),
+        ("LCFT with base b works at L and fails at 2L", fails("lcft-b", 2), fmt("lcft-b", 1, 2)),
         ("linear scaling 1/4 works to 2L, is poor at 4L with the key at position 0, fails at 6L",
-         m("lcft-linear", 2) >= WORKS and at0 < POOR and m("lcft-linear", 6) < FAILS,
-         f"{fmt('lcft-linear', 2)}, 4L position 0 {at0:.0%}, {fmt('lcft-linear', 6)}"),
-        ("base 100b retrieves up to 4L and partly at 6L",
-         min(m("lcft-100b", 2), m("lcft-100b", 4)) >= WORKS and m("lcft-100b", 6) >= FAILS,
-         fmt("lcft-100b", 2, 4, 6)),
+         works(lin, 2) and works(lin, 1) and at0 < POOR and fails(lin, 6),
+         f"{fmt(lin, 1, 2)}, 4L position 0 {at0:.0%}, {fmt(lin, 6)}"),
+        # Table 17's 7B row: works at 8K and 16K (means 98% and 84%), partly at 24K (58%)
+        ("base 100b works up to 4L and at least partly at 6L",
+         all(works("lcft-100b", k) for k in (1, 2, 4)) and m("lcft-100b", 6) >= FAILS,
+         fmt("lcft-100b", 1, 2, 4, 6)),
     ]
 
 
@@ -355,6 +415,9 @@ def main():
     p.add_argument("--kv-share", type=float, default=0.1,
                    help="share of `short`'s sequences drawn from synthetic key-value documents "
                         "(0: code alone)")
+    p.add_argument("--lcft-kv-share", type=float, default=0.0,
+                   help="the same for each LCFT run, its documents as long as 4L (0: plain code, "
+                        "as the paper's LCFT data)")
     p.add_argument("--vocab", type=int, default=2048, help="pieces of the trained tokenizer")
     p.add_argument("--corpus", nargs="+", default=[str(STDLIB)],
                    help="folders of Python files (default: the standard library, tests left out)")
@@ -379,6 +442,7 @@ def main():
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # this process's own evaluation (emergence)
     jobs = args.jobs or (16 if torch.cuda.is_available() else 1)
     L = args.short_len
     if L < 256:  # the key function and the question take ~50 tokens: at L/2 most must be code
@@ -420,23 +484,38 @@ def main():
         data = ["--data", f"{train}:{1 - args.kv_share}", f"{kv}:{args.kv_share}"]
     if not (out / "short/hf/config.json").exists():
         run_all({"short": short_cmd + [*data, "--out", out / "short", "--steps", S,
-                                       "--warmup", max(1, S // 10), "--ckpt-every", S]},
+                                       "--warmup", max(1, S // 10),
+                                       # the checkpoints the emergence curve is measured on
+                                       "--ckpt-every", max(1, S // EMERGENCE_POINTS),
+                                       "--keep-ckpts", EMERGENCE_POINTS + 1]},
                 env, out, 1)
 
+    curve = out / "eval/emergence.json"
+    if not curve.exists():
+        margs_short = replace(margs, rope_theta=b)
+        write_atomic(curve, json.dumps(emergence(out / "short", margs_short, tok, held, L,
+                                                 args.seed), indent=1) + "\n")
+    emerged = json.loads(curve.read_text())
+
     # the check (does `short` retrieve within L?) and the three LCFT runs, side by side
-    retrieval = [sys.executable, "eval.py", "retrieval", "--data", held, "--samples", args.samples,
+    retrieval = [sys.executable, "eval.py", "retrieval", "--data", held,
                  "--positions", ",".join(f"{x:g}" for x in POSITIONS), "--seed", args.seed]
     cmds = {}
     if not (out / "eval/check/retrieval.json").exists():
         cmds["check"] = retrieval + ["--ckpt", out / "short/hf", "--lengths", f"{L // 2},{L}",
-                                     "--out", out / "eval/check"]
+                                     "--samples", CHECK_SAMPLES, "--out", out / "eval/check"]
+    long_data = ["--data", train]
+    if args.lcft_kv_share > 0:  # the same documents for the three runs
+        n_docs = math.ceil(args.lcft_kv_share * LS * args.batch_tokens / (2 * L))
+        kv = write_keyvalue(out, train, tok, 4 * L, min(n_docs, 50_000), args.seed)
+        long_data = ["--data", f"{train}:{1 - args.lcft_kv_share}", f"{kv}:{args.lcft_kv_share}"]
     lcft = {"lcft-b": ["--base", b], "lcft-100b": ["--base", 100 * b],
             "lcft-linear": ["--base", b, "--rope-scale", 4]}
     for name, rope in lcft.items():
         if not (out / name / "hf/config.json").exists():
             # the miniature's activations are small: no need to recompute them
             cmds[name] = [sys.executable, "train_longctx.py", "--init", out / "short", *rope,
-                          "--data", train, "--out", out / name, "--seq-len", 4 * L,
+                          *long_data, "--out", out / name, "--seq-len", 4 * L,
                           "--micro-batch", args.batch_tokens // (4 * L), "--steps", LS,
                           "--ckpt-every", LS, "--lr", args.long_lr,
                           "--warmup", max(1, LS // 10), "--no-activation-checkpointing", *common]
@@ -450,7 +529,8 @@ def main():
         ev = out / "eval" / name
         if not (ev / "retrieval.json").exists():
             cmds[f"retrieval-{name}"] = retrieval + [
-                "--ckpt", *ckpt, "--lengths", ",".join(map(str, lengths)), "--out", ev]
+                "--ckpt", *ckpt, "--lengths", ",".join(map(str, lengths)),
+                "--samples", args.samples, "--out", ev]
         if not (ev / "ppl.json").exists():
             cmds[f"ppl-{name}"] = [sys.executable, "eval.py", "ppl", "--ckpt", *ckpt,
                                    "--data", held, "--min-chars", 0,
@@ -471,18 +551,27 @@ def main():
     check = {n: mean_at(check_grid, n) for n in (L // 2, L)}
     ok = min(check.values()) >= WORKS
     table = findings(grid, L)
-    kv = (f"{args.kv_share:.0%} of its sequences synthetic key-value documents (other names and "
-          "values than the evaluation's)" if args.kv_share > 0 else "code alone")
+    kv = (f"{args.kv_share:.0%} of its sequences synthetic key-value documents (other names "
+          "than the evaluation's)" if args.kv_share > 0 else "code alone")
+    long_kv = (f"code and {args.lcft_kv_share:.0%} key-value documents of up to 4L"
+               if args.lcft_kv_share > 0 else "plain code")
     md = ["# Table 18 in miniature: key retrieval after long-context fine-tuning", "",
           f"{args.preset} preset, {args.vocab}-piece BPE, {args.geometry} geometry (b = {b:g}, "
           f"100b = {100 * b:g}); `short`: {S} steps of {args.batch_tokens} tokens at L = {L}, "
-          f"{kv}; each LCFT run: {LS} steps at {4 * L} tokens, plain code, LR {args.long_lr:g}; "
-          f"{args.samples} prompts per cell, haystacks of held-out files"
+          f"LR {args.lr:g}, {kv}; each LCFT run: {LS} steps at {4 * L} tokens, {long_kv}, "
+          f"LR {args.long_lr:g}; {args.samples} prompts per cell, haystacks of held-out files"
           + (f"; steps sized by a probe ({steps['tokens_per_s']:,.0f} tokens/s) for "
              f"{args.train_seconds:g} s of training" if steps["tokens_per_s"] else "") + ".", "",
           f"`short` retrieves within L (mean over positions at L/2 = {L // 2}: "
-          f"{check[L // 2]:.0%}, at L: {check[L]:.0%}; {WORKS:.0%} asked): "
+          f"{check[L // 2]:.0%}, at L: {check[L]:.0%}; {CHECK_SAMPLES} prompts per cell, "
+          f"{WORKS:.0%} asked): "
           + ("yes" if ok else "NO, so the findings below say little"), "",
+          f"Retrieval within L over `short`'s training (mean over key positions, "
+          f"{EMERGENCE_SAMPLES} prompts per position):", "",
+          "| step | " + " | ".join(str(r["step"]) for r in emerged) + " |",
+          "|---|" + "---|" * len(emerged),
+          f"| L/2 = {L // 2} | " + " | ".join(f"{r['at_half_L']:.0%}" for r in emerged) + " |",
+          f"| L = {L} | " + " | ".join(f"{r['at_L']:.0%}" for r in emerged) + " |", "",
           "Accuracy (%) at key positions " + " / ".join(f"{x:g}" for x in POSITIONS)
           + " (Table 17's layout; `positions /` is the linear scaling factor):", "",
           *grid_table(grid, about, L, POSITIONS), "",
@@ -504,7 +593,7 @@ def main():
         "lengths": lengths, "models": about,
         "accuracy": {name: [[acc[n, x] for x in POSITIONS] for n in lengths]
                      for name, acc in grid.items()},
-        "ppl": ppl, "short_retrieves_within_L": ok,
+        "ppl": ppl, "short_retrieves_within_L": ok, "emergence": emerged,
         "findings": [{"finding": t, "reproduced": y, "numbers": s} for t, y, s in table]},
         indent=1) + "\n")
     print("\n".join(md))
