@@ -509,7 +509,8 @@ def infill_middle(model, tok, task, mode, max_new_tokens, heal=True, lines=0):
 def infill_forced(model, tok, tasks, mode, heal=True, batch=4):
     """Teacher-forced scores of the true middles after each task's prompt, one dict per task:
     nats (the middle's loss, in nats: per character comparable across modes, whose tokens differ),
-    chars, and the first middle token apart (first_hit: the greedy choice is right; first_nats).
+    chars, and the first middle token apart (first_hit: the greedy choice is right; first_nats):
+    the first target id that holds a character of the middle, not only healed prefix bytes.
     Healed ids are scored under heal_constraint, the distribution generation samples from. The
     sequences run `batch` at a time, padded at the end (causal attention: the padding is never
     seen by the real tokens)."""
@@ -534,9 +535,13 @@ def infill_forced(model, tok, tasks, mode, heal=True, batch=4):
                 keep[ids] = 0.0
                 row[j] += keep
             nats = F.cross_entropy(row, torch.tensor(target, device=device), reduction="none")
+            tail, first, spelled = sum(len(tok.token_bytes(i)) for i in healed), 0, 0
+            while first + 1 < len(target) and \
+                    (spelled := spelled + len(tok.token_bytes(target[first]))) <= tail:
+                first += 1
             rows.append({"nats": nats.sum().item(), "chars": len(task["middle"]),
-                         "first_hit": int(row[0].argmax().item() == target[0]),
-                         "first_nats": nats[0].item()})
+                         "first_hit": int(row[first].argmax().item() == target[first]),
+                         "first_nats": nats[first].item()})
     return rows
 
 

@@ -59,8 +59,8 @@ from tokenizer import Tokenizer, extend_tokenizer
 # did is UNCONFIRMED), none for SmolLM2's tokenizer.json.
 # It ends with <EOT>, which is always a target (FIM sec. 3: the model must learn to stop), then
 # EOS, so that every document in the packed stream still ends as `bos_eos` ends it and the next
-# document (its BOS, where there is one) follows an EOS whatever the transform did. Every id is a target (FIM keeps the
-# loss on all three parts; Code Llama is silent).
+# document (its BOS, where there is one) follows an EOS whatever the transform did. Every id is a
+# target (FIM keeps the loss on all three parts; Code Llama is silent).
 #
 # "Only documents that are not cut across several model contexts" (sec. 2.3): an infilling example
 # that cannot lie whole in one context is rendered plainly instead (its plain rendering is longer

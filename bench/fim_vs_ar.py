@@ -629,7 +629,7 @@ def report(results, names):
     middle token per mode; then the fixed paired comparisons (McNemar)."""
     runs, tasks = results["runs"], results["tasks"]
     a, b = runs["fim-0.9"], runs["fim-0"]
-    print(f"\nAR held-out loss: " + ", ".join(f"{n} {runs[n]['ar_loss']:.4f}" for n in names)
+    print("\nAR held-out loss: " + ", ".join(f"{n} {runs[n]['ar_loss']:.4f}" for n in names)
           + f" ({a['ar_tokens']:,} tokens); FIM vs not: "
           f"{100 * (a['ar_loss'] / b['ar_loss'] - 1):+.1f}%; training targets (losses summed): "
           f"FIM {a['targets']:,} in {a['steps']} steps, plain {b['targets']:,} in {b['steps']}")

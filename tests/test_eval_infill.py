@@ -261,3 +261,20 @@ def test_mcnemar_exact_two_sided():
     assert (only_a, only_b) == (10, 0) and p == pytest.approx(2 / 1024)
     with pytest.raises(ValueError, match="paired"):
         ev.mcnemar([1], [1, 0])
+
+
+def test_healing_changes_no_score_where_sentencepiece_keeps_lines_apart(tiny_infill_ckpt,
+                                                                        problems):
+    """Llama's tokenizer: the backed-up line end can only be written again as itself, so healed
+    and unhealed teacher forcing give the same scores, and the first middle token is the one
+    after it (the first id that holds a character of the middle)."""
+    from sample import load
+    model, tok = load(tiny_infill_ckpt)
+    tasks = ev.infill_tasks(problems, "single")[:4]
+    for mode in ("spm", "l2r"):
+        healed = ev.infill_forced(model, tok, tasks, mode, heal=True)
+        plain = ev.infill_forced(model, tok, tasks, mode, heal=False)
+        for a, b in zip(healed, plain):
+            assert a["first_hit"] == b["first_hit"]
+            assert a["first_nats"] == pytest.approx(b["first_nats"], abs=1e-4)
+            assert a["nats"] == pytest.approx(b["nats"], abs=1e-3)
