@@ -36,21 +36,26 @@ runs:
 Each stage keeps its result (corpus, tokens, runs, every model's scores per part under OUT/eval):
 the same command continues where it stopped. Decoding is one prompt at a time (model.py's
 attention has no padding mask, which batching prompts of different lengths needs); teacher
-forcing runs --batch sequences at a time. Evaluation runs under bf16 autocast.
+forcing runs --batch sequences at a time. Models are evaluated with bf16 weights (under autocast,
+one-token decoding steps spend more time casting the weights than multiplying: 2x slower here).
 
-The smallest settings, end to end (minutes; nice -n 5 on a shared machine):
+The smallest settings, end to end (minutes; on cores other jobs keep busy, one thread runs SmolLM2
+5-10x faster than two, whose OpenMP barriers wait: hence OMP_NUM_THREADS=1 there):
 
-    nice -n 5 python bench/fim_humaneval.py --out /tmp/fh --init SMOLLM2 \\
+    OMP_NUM_THREADS=1 nice -n 5 python bench/fim_humaneval.py --out /tmp/fh --init SMOLLM2 \\
         --corpus STDLIB/json STDLIB/email --steps 2 --batch-tokens 1024 --seq-len 512 \\
         --micro-batch 2 --curve 2 --plain --forced-tasks 8 --gen-single 4 --gen-random 2 \\
         --eval-windows 2 --max-new-tokens 16
 
-The run for two quiet cores (the issue's 2-hour budget; estimated, not yet run: ~65 min of
-training at ~440 tokens/s eager bf16, 1.6M tokens; ~15 min of teacher forcing, 4 models x 3,099
-prompts; ~15 min of greedy decoding, ~900 prompts; the plain run, --plain, would add ~65 min):
+The run for two quiet cores (the issue's 2-hour budget), estimated, not yet run: training 1.5M
+tokens, ~55 min at the ~440 tokens/s the issue measured (eager bf16, 512 tokens; less with a faster
+step: run a few steps first and size --steps to the rate they log); teacher forcing 795k tokens per
+model (3 x 1,033 prompts of ~250 SmolLM2 tokens, padding included) for 4 curve points, ~40 min at
+~1,300 tokens/s (a forward pass is a third of a training step); greedy decoding of ~900 prompts,
+~15 min. The plain run (--plain) would add its own ~55 min and one more model to score:
 
     python bench/fim_humaneval.py --out runs/fim-humaneval --init SMOLLM2 \\
-        --corpus STDLIB SITE_PACKAGES --corpus-mb 50 --steps 200 --batch-tokens 8192 \\
+        --corpus STDLIB SITE_PACKAGES --corpus-mb 50 --steps 180 --batch-tokens 8192 \\
         --seq-len 512 --micro-batch 4 --lr 3e-4 --warmup 20 --curve 4
 
 (SMOLLM2: `python -c "import sys; sys.path.insert(0, 'scripts'); import gguf_to_hf;
@@ -154,7 +159,7 @@ def evaluate(args, name, tok, problems, held, generate_modes):
 
     def get_model():
         nonlocal model
-        model = model or load_model(args, name, tok)
+        model = model or load_model(args, name, tok).to(torch.bfloat16)
         return model
 
     single = ev.infill_tasks(problems, "single")
@@ -162,12 +167,10 @@ def evaluate(args, name, tok, problems, held, generate_modes):
     gen = {"single": ev.subset(single, args.gen_single, args.seed),
            "random": ev.subset(ev.infill_tasks(problems, "random", args.seed), args.gen_random,
                                args.seed)}
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     out = {}
     for mode in MODES:
         def score(mode=mode):
-            with autocast:
-                rows = ev.infill_forced(get_model(), tok, forced, mode, batch=args.batch)
+            rows = ev.infill_forced(get_model(), tok, forced, mode, batch=args.batch)
             return {"tasks": len(rows),
                     "nats_per_char": sum(r["nats"] for r in rows) / sum(r["chars"] for r in rows),
                     "first_acc": sum(r["first_hit"] for r in rows) / len(rows)}
@@ -178,10 +181,9 @@ def evaluate(args, name, tok, problems, held, generate_modes):
                 continue  # a span's end cannot be known from the prefix alone
 
             def generate(mode=mode, tasks=tasks):
-                with autocast:
-                    middles = [ev.infill_middle(get_model(), tok, t, mode, args.max_new_tokens,
-                                                lines=t["middle"].count("\n")
-                                                if bench == "single" else 0)[2] for t in tasks]
+                middles = [ev.infill_middle(get_model(), tok, t, mode, args.max_new_tokens,
+                                            lines=t["middle"].count("\n")
+                                            if bench == "single" else 0)[2] for t in tasks]
                 programs = [ev.humaneval_program(problems[t["problem"]], (
                     t["prefix"] + m + t["suffix"])[len(problems[t["problem"]]["prompt"]):])
                     for t, m in zip(tasks, middles)]

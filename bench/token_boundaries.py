@@ -17,13 +17,16 @@ puts before an indented line. Counted here, for each tokenizer:
    often the cut falls between a line end and an indented line (the single-line situation); and in
    ordinary text (plain documents, and SPM examples, which encode prefix + middle as one text), the
    share of indented lines whose line end closes a token;
-3. with --model-tasks N, what it costs SmolLM2 itself (no training needed: the prefix alone): on a
-   seeded subset of N single-line tasks, teacher-forced first-middle-token accuracy and middle
+3. with --model-tasks N, what it costs SmolLM2 itself (no training needed: the prefix alone; bf16
+   weights): on a seeded subset of N single-line tasks, teacher-forced first-middle-token accuracy and middle
    nats/char, and greedy exact match (first line), unhealed vs healed (eval.infill_forced and
    eval.infill_middle).
 
     python bench/token_boundaries.py                        # 1 and 2: about a minute
-    python bench/token_boundaries.py --model-tasks 200      # + 3: ~10 min on 2 busy cores
+    OMP_NUM_THREADS=1 python bench/token_boundaries.py --model-tasks 100    # + 3: ~30 min
+
+(On cores other jobs keep busy, one thread runs a SmolLM2 forward pass 5-10x faster than two:
+OpenMP's threads wait for each other at every barrier.)
 """
 
 import hashlib
@@ -114,8 +117,9 @@ def training_counts(tok, files, cuts_per_file, seed=0):
 
 def model_effect(smollm2, problems, n, max_new_tokens):
     """SmolLM2 as it is, the prefix alone (l2r), unhealed vs healed, on n single-line tasks."""
+    import torch
     from sample import load
-    model, tok = load(smollm2)
+    model, tok = load(smollm2, dtype=torch.bfloat16)
     tasks = ev.subset(ev.infill_tasks(problems, "single"), n, seed=0)
     out = {}
     for heal in (False, True):
