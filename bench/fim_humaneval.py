@@ -12,7 +12,7 @@ runs:
   embeddings at the mean row, as train_infill.py grows them: step 0 of the FIM run); `fim`,
   train_infill.py --init SmolLM2 --fim-rate 0.9 (half PSM, half SPM, each example whole in one
   context: this project's reading of sec. 2.3); `plain` (--plain), the same with --fim-rate 0,
-  stopped at the FIM run's target count (whole-example placement pads the FIM run's steps:
+  stopped nearest the FIM run's target count (whole-example placement pads the FIM run's steps:
   metrics.jsonl's `targets`), its schedule over its own steps. Held equal: init, corpus, data
   order (seed), sequence length, batch, schedule shape, targets;
 - corpus: the Python files of the standard library and site-packages (tests, idlelib, ... left
@@ -81,7 +81,7 @@ import eval as ev  # noqa: E402
 from common import pyplot, save_figure, script_parser, write_atomic  # noqa: E402
 from data import prepare, summary  # noqa: E402
 from execution import check_programs  # noqa: E402
-from fim_vs_ar import ar_loss, split_files, stream_targets, write_corpus  # noqa: E402
+from fim_vs_ar import ar_loss, split_files, steps_to_targets, write_corpus  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import load  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -115,12 +115,12 @@ def train(args, name, rate, steps):
 
 
 def plain_steps(args, fim_targets):
-    """Steps of the plain run that first reach the FIM run's targets, counted on its data stream
-    without a model (fim_vs_ar.stream_targets); kept in OUT/plain-steps.json."""
+    """Steps of the plain run whose targets come nearest to the FIM run's, counted on its data
+    stream without a model (fim_vs_ar.steps_to_targets); kept in OUT/plain-steps.json."""
     path = args.out / "plain-steps.json"
     if not path.exists():
         argv = train_cmd(args, 0.0, args.out / "plain", args.steps)[2:]
-        write_atomic(path, json.dumps(len(stream_targets(argv, until=fim_targets))))
+        write_atomic(path, json.dumps(steps_to_targets(argv, fim_targets)))
     return json.loads(path.read_text())
 
 

@@ -320,6 +320,13 @@ def stream_targets(argv, steps=None, until=None):
     return counts
 
 
+def steps_to_targets(argv, targets):
+    """The number of steps of train_infill.py `argv`'s stream whose targets come nearest to
+    `targets` (stream_targets)."""
+    counts = stream_targets(argv, until=targets)
+    return len(counts) - (sum(counts) - targets > targets - sum(counts[:-1]))
+
+
 def stream_key(args):
     """The flags that shape both runs' data streams (the same on any machine)."""
     return {k: str(getattr(args, k)) for k in ("steps", "seq_len", "batch_tokens", "seed",
@@ -331,15 +338,15 @@ def stream_key(args):
 def equal_target_steps(args, tok_path, corpus, runs):
     """Steps of each run such that both train on the same number of targets: --steps for the FIM
     run, whose whole-example placement pads part of each step (its padding is never a target), and
-    for the plain run the steps that first reach the FIM run's targets (each run's schedule spans
-    its own steps). Counted once, kept in OUT/steps.json."""
+    for the plain run the steps whose targets come nearest to the FIM run's (steps_to_targets; each
+    run's schedule spans its own steps). Counted once, kept in OUT/steps.json."""
     path, key = args.out / "steps.json", stream_key(args)
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())["steps"]
     argv = lambda name, steps: train_cmd(args, tok_path, corpus, runs[name],  # noqa: E731
                                          args.out / name, steps)[2:]
     fim = sum(stream_targets(argv("fim-0.9", args.steps), steps=args.steps))
-    plain = len(stream_targets(argv("fim-0", args.steps), until=fim))
+    plain = steps_to_targets(argv("fim-0", args.steps), fim)
     steps = {"fim-0.9": args.steps, "fim-0": plain}
     write_atomic(path, json.dumps({"key": key, "steps": steps, "fim_targets": fim}))
     return steps

@@ -536,8 +536,13 @@ def test_metrics_log_each_steps_targets_as_the_stream_counts_them(tokenizer, tmp
     without a model, and gives the plain run the steps that reach the FIM run's total."""
     sys.path.insert(0, str(ROOT / "bench"))
     import fim_vs_ar
-    argv = ["--init", "tiny", "--tokenizer", str(tokenizer), "--data", str(STDLIB / "json"),
-            "--steps", "3", "--seq-len", "128", "--batch-tokens", "512", "--micro-batch", "4",
+    with open(tmp_path / "pieces.jsonl", "w") as f:  # functions: most fit in a context
+        for path in sorted([*(STDLIB / "json").rglob("*.py"), *(STDLIB / "email").rglob("*.py")]):
+            for piece in re.split(r"\n(?=[ \t]*(?:def|class)[ \t])", path.read_text()):
+                f.write(json.dumps({"text": piece + "\n", "lang": "python"}) + "\n")
+    argv = ["--init", "tiny", "--tokenizer", str(tokenizer), "--data",
+            str(tmp_path / "pieces.jsonl"),
+            "--steps", "3", "--seq-len", "256", "--batch-tokens", "1024", "--micro-batch", "4",
             "--lr", "1e-3", "--warmup", "1", "--eval-every", "0", "--dtype", "fp32"]
     logged = {}
     for rate in ("0.9", "0"):
@@ -551,9 +556,13 @@ def test_metrics_log_each_steps_targets_as_the_stream_counts_them(tokenizer, tmp
         counted = fim_vs_ar.stream_targets([*argv, "--fim-rate", rate, "--out",
                                             str(tmp_path / f"count-{rate}")], steps=3)
         assert logged[rate] == counted
-        pad = [round(row["pad_frac"] * 512) for row in rows]
-        assert all(t <= 512 - p for t, p in zip(logged[rate], pad))  # padding is no target
-    assert sum(logged["0.9"]) < 3 * 512 and logged["0"] == [512] * 3
-    plain = fim_vs_ar.stream_targets([*argv, "--fim-rate", "0", "--out", str(tmp_path / "p")],
-                                     until=sum(logged["0.9"]))
-    assert sum(plain[:-1]) < sum(logged["0.9"]) <= sum(plain)
+        pad = [round(row["pad_frac"] * 1024) for row in rows]
+        assert all(t <= 1024 - p for t, p in zip(logged[rate], pad))  # padding is no target
+    assert sum(logged["0.9"]) < 3 * 1024 and logged["0"] == [1024] * 3
+    fim_targets = sum(logged["0.9"])
+    plain_argv = [*argv, "--fim-rate", "0", "--out", str(tmp_path / "p")]
+    plain = fim_vs_ar.stream_targets(plain_argv, until=fim_targets)
+    assert sum(plain[:-1]) < fim_targets <= sum(plain)
+    k = fim_vs_ar.steps_to_targets(plain_argv, fim_targets)  # the nearest count of steps
+    assert abs(sum(plain[:k]) - fim_targets) == min(abs(sum(plain[:j]) - fim_targets)
+                                                    for j in range(len(plain) + 1))
