@@ -18,9 +18,9 @@ puts before an indented line. Counted here, for each tokenizer:
    ordinary text (plain documents, and SPM examples, which encode prefix + middle as one text), the
    share of indented lines whose line end closes a token;
 3. with --model-tasks N, what it costs SmolLM2 itself (no training needed: the prefix alone; bf16
-   weights): on a seeded subset of N single-line tasks, teacher-forced first-middle-token accuracy and middle
-   nats/char, and greedy exact match (first line), unhealed vs healed (eval.infill_forced and
-   eval.infill_middle).
+   weights): on a seeded subset of N single-line tasks, teacher-forced first-middle-token accuracy
+   and middle nats/char, and greedy exact match (first line), unhealed vs healed
+   (eval.infill_forced and eval.infill_middle).
 
     python bench/token_boundaries.py                        # 1 and 2: about a minute
     OMP_NUM_THREADS=1 python bench/token_boundaries.py --model-tasks 100    # + 3: ~30 min
