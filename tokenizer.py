@@ -523,6 +523,11 @@ def extend_tokenizer(src, out_path):
     entry = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
     config = dict(tok.config)
     if tok.kind == "tokenizer.json":
+        # transformers 5 rebuilds a "GPT2Tokenizer" with GPT-2's own pre-tokenizer, dropping the
+        # file's (SmolLM2's digit split: "#  0" becomes "#", " ", " 0"): the generic class runs
+        # tokenizer.json as written, as training here did and as transformers 4 does.
+        if "tokenizer_class" in config:
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
         spec = json.loads(tok.path.read_text(encoding="utf-8"))
         spec["added_tokens"] = spec.get("added_tokens", []) + [
             {"id": i, "content": piece, **entry} for i, piece in new.items()]

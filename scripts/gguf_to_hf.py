@@ -139,7 +139,9 @@ def tokenizer_files(reader):
         "pad_token": name.get("padding"), "unk_token": name.get("unknown"),
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(field(reader, "llama.context_length")),
-        "tokenizer_class": "GPT2Tokenizer",
+        # not the Hub's "GPT2Tokenizer": transformers 5 rebuilds that class with GPT-2's own
+        # pre-tokenizer and drops SmolLM2's digit split; the generic class runs tokenizer.json
+        "tokenizer_class": "PreTrainedTokenizerFast",
     }
     template = field(reader, "tokenizer.chat_template", "")
     if template:

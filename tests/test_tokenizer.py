@@ -24,12 +24,16 @@ EDGE_CASES = [
     "it's we'll they've I'M", "def f(x):\n    return x**2  # comment\n",
     "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>", "<PRE> <SUF> <MID> <EOT> </s> <s>",
     "\u200b\ufeffzero width", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math",
+    # runs of spaces before a digit: SmolLM2's digit split leaves the run whole
+    "x = [\n    18,\n        19]\n", "pat( ==  0.5", "[1,   2,\n#    1.", "\n    1\n",
 ]
 
 
 def stdlib_texts(n, max_chars):
-    """n Python files of the interpreter's standard library, chosen deterministically."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    """n Python files of the interpreter's standard library, chosen deterministically (whatever
+    packages are installed: site-packages is left out)."""
+    files = sorted(f for f in Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")
+                   if "site-packages" not in f.parts)
     random.Random(0).shuffle(files)
     texts = [f.read_text(encoding="utf-8", errors="replace")[:max_chars] for f in files[:n]]
     assert len(texts) == n
@@ -533,7 +537,7 @@ def test_extend_smollm2_tokenizer_json(smollm2_dir, smol, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(out.parent)
     assert len(hf) == 49156
     assert hf.convert_tokens_to_ids(INFILL_NAMES) == [49152, 49153, 49154, 49155]
-    for text in texts[:10] + FORGERIES:  # transformers, told to, also keeps the names as text
+    for text in texts + FORGERIES:  # transformers, told to, also keeps the names as text
         assert hf(text, split_special_tokens=True).input_ids == ext.encode(text), text
     ids = format_infill(ext, "x = ", "\ny = 2\n")
     assert hf.decode(ids) == ext.decode(ids) == "▁<PRE>x = ▁<SUF>\ny = 2\n▁<MID>"
@@ -587,15 +591,32 @@ def test_bad_files_raise_clear_errors(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_extend_a_hub_smollm2_folder(smollm2_dir, tmp_path):
+    """The Hub's SmolLM2 folder names GPT2Tokenizer, which transformers 5 rebuilds with GPT-2's
+    pre-tokenizer (no digit split); the extended folder tokenizes in transformers as ours does."""
+    transformers = pytest.importorskip("transformers")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    (hub / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                           "tokenizer_class": "GPT2Tokenizer"}))
+    out = extend_tokenizer(hub / "tokenizer.json", tmp_path / "ext" / "tokenizer.json")
+    ours = Tokenizer.from_pretrained(out.parent)
+    hf = transformers.AutoTokenizer.from_pretrained(out.parent)
+    for text in ["#  0x0", "x = [\n    18,\n        19]\n", "a ½ b"] + EDGE_CASES[-4:]:
+        assert hf(text, split_special_tokens=True).input_ids == ours.encode(text), text
+
+
 def test_save_copies_files(smol, cl, tmp_path):
     smol.save(tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["tokenizer.json",
                                                                   "tokenizer_config.json"]
     assert Tokenizer.from_pretrained(tmp_path / "a").encode("x = 1") == smol.encode("x = 1")
-    # SmolLM2's tokenizer_config.json names GPT2Tokenizer, which in transformers 5 cuts " ½"
-    # otherwise than the tokenizer.json it loads (the tokenizers library agrees with us there)
+    # The Hub's SmolLM2 names GPT2Tokenizer, which transformers 5 rebuilds with GPT-2's own
+    # pre-tokenizer (" ½", "#  0" cut otherwise); the converted folder names the generic class
     assert_transformers_loads(tmp_path / "a", ["def f(x):\n\treturn x + 1\n", "naïve café 2024",
-                                               " one leading space", ""])
+                                               " one leading space", "", "a ½ b", "#  0x0"])
     cl.save(tmp_path / "b")
     assert Tokenizer.from_pretrained(tmp_path / "b").eot_id == 32010
 
