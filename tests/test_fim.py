@@ -566,3 +566,19 @@ def test_metrics_log_each_steps_targets_as_the_stream_counts_them(tokenizer, tmp
     k = fim_vs_ar.steps_to_targets(plain_argv, fim_targets)  # the nearest count of steps
     assert abs(sum(plain[:k]) - fim_targets) == min(abs(sum(plain[:j]) - fim_targets)
                                                     for j in range(len(plain) + 1))
+
+
+def test_infilling_comparisons_are_fixed_before_the_run():
+    """Both benches pair the FIM model's PSM and its SPM with prefix-only completion by each
+    baseline: the same pairs whatever the scores (no mode picked on the test tasks)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fim_humaneval
+    import fim_vs_ar
+    fim = [("fim-0.9", "psm"), ("fim-0.9", "spm")]
+    assert fim_vs_ar.comparisons(["fim-0.9", "fim-0"]) == [(m, ("fim-0", "l2r")) for m in fim]
+    assert fim_vs_ar.comparisons(["fim-0.9", "fim-0", "untrained"]) == [
+        (m, (base, "l2r")) for base in ("fim-0", "untrained") for m in fim]
+    assert fim_humaneval.pairs(["fim", "smollm2"]) == [
+        (("fim", m), (base, "l2r")) for base in ("smollm2", "fim") for m in ("psm", "spm")]
+    assert [b for _, b in fim_humaneval.pairs(["fim", "smollm2", "plain"])][:2] == [
+        ("plain", "l2r")] * 2
