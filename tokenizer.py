@@ -331,6 +331,7 @@ class Tokenizer:
         for token, i in pieces.items():
             self._id_to_bytes[i] = token
         self._added = added
+        self._added_ids = frozenset(added.values())
         # Pieces are named as in tokenizer.json: byte-level strings ("Ġthe"), specials as text.
         b2u = bytes_to_unicode()
         self._piece_names = ["".join(b2u[b] for b in t) for t in self._id_to_bytes]
@@ -422,6 +423,28 @@ class Tokenizer:
         tail = [int(i) for i in prompt_ids[-8:]]
         n = len(self.decode(tail))
         return lambda ids: self.decode(tail + [int(i) for i in ids])[n:]
+
+    def token_bytes(self, i):
+        """The bytes token i stands for inside a text; b"" for special, control and added tokens,
+        which no text encodes to (what token healing matches a backed-up token against)."""
+        i = int(i)
+        if self.kind == "sentencepiece":
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                return b""
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):  # byte fallback: "<0x0A>"
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return b"" if i in self._added_ids else self._id_to_bytes[i]
+
+    @property
+    def start_ids(self):
+        """The ids every text starts with, document, infilling example or prompt alike: [BOS]
+        where this tokenizer's prompts carry one (add_bos: Llama 2's, whose infilling prompts
+        Code Llama's reference code starts with BOS before <PRE>), else [] (SmolLM2's
+        tokenizer.json, whose texts start with their first token). One rule, so that what the
+        model trains on starts as what it is prompted with."""
+        return [self.bos_id] if self.add_bos and self.bos_id is not None else []
 
     def piece_to_id(self, piece):
         """Id of a vocabulary piece ("▁<PRE>", "<|im_start|>", "Ġthe"), or None."""

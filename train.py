@@ -659,6 +659,7 @@ def run_training(args, setup, stream_flags, progress):
                "tokens_per_s_per_device": args.batch_tokens / dt / d.world,
                "mfu": fpt * args.batch_tokens / dt / d.world / peak if peak else None,
                "peak_mem_gb": mem, "tokens": step * args.batch_tokens,
+               "targets": counts[0],  # this step's targets, all processes (padding is none)
                "seqs_one_doc": counts[1], "seqs_many_docs": counts[2],
                "pad_frac": counts[3] / args.batch_tokens}
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.steps):

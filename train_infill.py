@@ -51,14 +51,16 @@ from tokenizer import Tokenizer, extend_tokenizer
 #
 # A document is cut at two character positions into prefix / middle / suffix and rearranged so that
 # the middle comes last: the model, trained left to right, learns to write a middle given both
-# sides. The example starts exactly as `format_infill`'s prompt for the same cut (BOS when the
-# tokenizer's prompts have one, which Code Llama's inference does; whether its FIM training did is
-# UNCONFIRMED), so what the model sees at inference is what it was trained on (a prompt built
-# slightly differently silently degrades the infills).
+# sides. The example starts exactly as `format_infill`'s prompt for the same cut, so what the model
+# sees at inference is what it was trained on (a prompt built slightly differently silently
+# degrades the infills). One BOS rule for plain documents (`bos_eos`), infilling examples and
+# every prompt (PSM, SPM, the prefix alone): tok.start_ids, BOS where the tokenizer's prompts
+# carry one (Llama 2's; Code Llama's inference puts BOS before <PRE>; whether its FIM training
+# did is UNCONFIRMED), none for SmolLM2's tokenizer.json.
 # It ends with <EOT>, which is always a target (FIM sec. 3: the model must learn to stop), then
 # EOS, so that every document in the packed stream still ends as `bos_eos` ends it and the next
-# document's BOS follows an EOS whatever the transform did. Every id is a target (FIM keeps the
-# loss on all three parts; Code Llama is silent).
+# document (its BOS, where there is one) follows an EOS whatever the transform did. Every id is a
+# target (FIM keeps the loss on all three parts; Code Llama is silent).
 #
 # "Only documents that are not cut across several model contexts" (sec. 2.3): an infilling example
 # that cannot lie whole in one context is rendered plainly instead (its plain rendering is longer
@@ -79,7 +81,7 @@ def fim_example(tok, prefix, middle, suffix, suffix_first=False):
          + enc_infilling(middle) + [▁<EOT>, EOS]
     SPM: [BOS, ▁<PRE>, ▁<SUF>] + enc_infilling(suffix) + [▁<MID>] + enc(prefix + middle)
          + [▁<EOT>, EOS]
-    BOS is there when `format_infill` puts it (tok.add_bos). SPM is FIM App. D's "compatible"
+    BOS is there when `format_infill` puts it (tok.start_ids). SPM is FIM App. D's "compatible"
     variant: PSM with an empty prefix, then prefix and middle encoded as one text (sec. 2.3), so
     SPM never shows a token split at the prefix/middle boundary (App. E), and an SPM prompt
     (`format_infill(suffix_first=True)`) continues a prefix encoded as in training."""

@@ -1,30 +1,36 @@
 """Is infilling nearly free? Code Llama's Table 5 (and Bavarian et al. 2022's FIM-for-free result)
 in miniature.
 
-The tiny preset is trained twice through train_infill.py on the same Python corpus, for the same
-steps, from the same initial weights and data order: once with --fim-rate 0.9 (the paper's) and
-once with 0 (plain next-token prediction; the vocabulary still has the four infilling tokens, so
-the two models differ only by the transform). The two runs go side by side, one thread each. Then,
-on files neither run trained on:
+The tiny preset is trained twice through train_infill.py on the same Python corpus, from the same
+initial weights and data order, on the same number of targets: once with --fim-rate 0.9 (the
+paper's) and once with 0 (plain next-token prediction; the vocabulary still has the four infilling
+tokens, so the two models differ only by the transform). Whole-example placement pads part of each
+FIM step (~11% of its tokens at 2,048 with SmolLM2; padding is never a target), so the plain run
+stops at the FIM run's target count: its steps are counted beforehand by running both data streams
+without a model (equal_target_steps; each run's schedule spans its own steps), and metrics.jsonl's
+`targets` shows the sums. The two runs go side by side, one thread each. Then, on files neither
+run trained on:
 
 - the autoregressive held-out loss of both (BOS + file + EOS, packed into --seq-len windows): the
   paper found it unchanged by FIM (Table 5: 0.407 vs 0.408 at 7B);
 - single-line infilling on held-out functions: each code line of a function's body is masked in
   turn (indentation and line end included, as in HumanEval single-line infilling), in three
-  modes: Code Llama's PSM and SPM prompts (format_infill), and the prefix alone continued left to
-  right, the baseline an AR model can do. Two scores per mode: exact match of the greedy middle
-  (generation stops at <EOT>, EOS or the first line end; the first line is compared, blind to
-  trailing whitespace: eval.infill_exact), and the loss of the true middle in nats per character
-  (comparable across modes, whose tokens differ); and, teacher-forced, the first middle token
-  apart from the rest (accuracy of the greedy choice, loss in nats): in PSM the first token is
-  where the model must find where the prefix ended, across the suffix;
+  modes (eval.infill_prompt): Code Llama's PSM and SPM prompts, and the prefix alone continued
+  left to right, the baseline an AR model can do. Two scores per mode: exact match of the greedy
+  middle (generation stops at <EOT>, EOS or the first line end; the first line is compared, blind
+  to trailing whitespace: eval.infill_exact), and the loss of the true middle in nats per
+  character (comparable across modes, whose tokens differ); and, teacher-forced, the first middle
+  token (accuracy of the greedy choice, loss in nats): in PSM the first token is where the model
+  must find where the prefix ended, across the suffix. eval.py's own functions score all of it
+  (infill_forced, infill_middle), with its token healing in SPM and prefix-only;
 - the same for multi-line tasks (a block of 2-4 body lines per function; generation stops after
   as many lines) and random-span tasks (a random character span of the body, as Bavarian et al.
   2022 mask; prefix-only completion cannot know where a span ends and is not generated: "-"),
   --tasks-long of each;
-- the paired comparison, per kind: the FIM model's best infilling mode against the best the
-  plain model does in any mode, on the same tasks (McNemar). The evaluation runs in --eval-procs
-  processes, a share of the tasks each.
+- the paired comparisons, per kind, fixed before anything runs (no mode is picked on the test
+  tasks): the FIM model's PSM, and its SPM, each against the same tasks completed from the prefix
+  alone by the plain model (and by the --init model as it is, when there is one): exact McNemar
+  tests (eval.mcnemar). The evaluation runs in --eval-procs processes, a share of the tasks each.
 
 Corpus: the interpreter's standard library (its tests, idlelib and lib2to3 left out; --corpus
 adds or replaces folders), every file cut where a top-level or nested `def`/`class` line starts,
@@ -56,7 +62,11 @@ evaluate here (the runs' hf/ and metrics.jsonl copied into the same --out are no
         --steps 6000 --batch-tokens 32768 --micro-batch 128 --warmup 200 \
         --tasks 1000 --eval-windows 512                                               # here
 
-Measured (one H200, both runs side by side, ~0.85M / 1.1M tokens/s; 1,000 held-out tasks):
+Measured (one H200, both runs side by side, ~0.85M / 1.1M tokens/s; 1,000 held-out tasks). These
+tables predate three changes: equal targets (both runs then had the same steps; the FIM run with
+--whole-docs, where used, saw fewer targets), token healing (SPM and prefix-only prompts then
+ended on the prefix's own last token) and the fixed comparisons (the McNemar line below then set
+the FIM model's best mode against the plain model's best, both picked on the test tasks):
 
 | tokens | model | AR loss | exact match PSM / SPM / prefix only | nats/char PSM / SPM / prefix |
 |---|---|---|---|---|
@@ -124,12 +134,11 @@ a 135M model at 2,048 tokens, compiled), not a measurement: if the first steps l
 
 (SMOLLM2: `python -c "import sys; sys.path.insert(0, 'tests'); import gguf_to_hf;
 print(gguf_to_hf.cached_conversion())"`; STDLIB and SITE_PACKAGES as above.) Not run yet: no
-GPU was available when it was prepared. Read SPM and prefix-only with SmolLM2's tokenizer in mind:
-GPT-2's pre-tokenizer joins a line end to the next line's indentation ("\n   " + " return"), so
-a line start is not a token boundary there as it is for SentencePiece, and a prompt that ends
-with the prefix's own tokens ends on a token ("\n") the model rarely saw before indentation; the
-middle is then scored in its own encoding (prompt_and_middle), and token healing (App. E), which
-would let the model re-write that last token, is not implemented. PSM has no such seam."""
+GPU was available when it was prepared. With SmolLM2's tokenizer, GPT-2's pre-tokenizer joins a
+line end to the next line's indentation ("\n   " + " return"), so a line start is not a token
+boundary as it is for SentencePiece: SPM and prefix-only prompts are token-healed (eval.py's
+infill_prompt; bench/token_boundaries.py measures how often it matters). PSM has no such seam.
+bench/fim_humaneval.py is the same experiment for two CPU cores, scored on HumanEval-infilling."""
 
 import argparse
 import ast
@@ -150,10 +159,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_atomic  # noqa: E402
-from data import format_infill, prepare, summary  # noqa: E402
-from eval import infill_decoder, infill_exact  # noqa: E402
+from data import IGNORE, prepare, summary  # noqa: E402
+from eval import INFILL_MODES as MODES  # noqa: E402
+from eval import infill_exact, infill_forced, infill_middle, mcnemar  # noqa: E402
 from model import Transformer  # noqa: E402
-from sample import generate, load  # noqa: E402
+from sample import load  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 STDLIB = Path(os.__file__).parent
@@ -215,7 +225,6 @@ def train_tokenizer(files, path, vocab_size, max_mb=32):
 
 
 KINDS = ("single", "multi", "span")
-MODES = ("psm", "spm", "l2r")
 
 
 def infill_tasks(files, tok, max_tokens):
@@ -273,15 +282,15 @@ def infill_tasks(files, tok, max_tokens):
     return tasks
 
 
-def train_cmd(args, tok_path, corpus, fim_rate, out):
+def train_cmd(args, tok_path, corpus, fim_rate, out, steps):
     init = ["--init", str(args.init)] if args.init else ["--init", args.preset,
                                                          "--tokenizer", str(tok_path)]
     return [sys.executable, "train_infill.py", *init,
             "--data", str(corpus), "--out", str(out), "--fim-rate", str(fim_rate),
-            "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+            "--steps", str(steps), "--seq-len", str(args.seq_len),
             "--batch-tokens", str(args.batch_tokens), "--micro-batch", str(args.micro_batch),
             "--lr", str(args.lr), "--warmup", str(args.warmup),
-            "--ckpt-every", str(max(100, args.steps // 10)), "--eval-every", "0",
+            "--ckpt-every", str(max(100, steps // 10)), "--eval-every", "0",
             "--dtype", "bf16", "--seed", str(args.seed),
             "--loader-workers", str(args.loader_workers)] + ["--whole-docs"] * args.whole_docs \
         + ["--no-fim-whole-docs"] * (not args.fim_whole_docs) + ["--compile"] * args.compile
@@ -295,17 +304,67 @@ def finished(out: Path, steps: int) -> bool:
             and json.loads(metrics.read_text().splitlines()[-1])["step"] == steps)
 
 
+def stream_targets(argv, steps=None, until=None):
+    """The targets of each step of the data stream that train_infill.py with `argv` trains on, for
+    `steps` steps or up to the step whose running sum reaches `until`, counted without a model: the
+    stream is a pure function of (data, seed, step) (data.py), built by the engine's functions."""
+    import train
+    import train_infill
+    a = train_infill.parser().parse_args(argv)
+    d = train.Dist(0, 1, torch.device("cpu"), None)
+    tok, tok_path, transform, _ = train.check_setup(a, train_infill.setup, d)
+    batches = train.setup_data(a, tok, tok_path, transform, d)
+    counts = []
+    while len(counts) < (steps or float("inf")) and sum(counts) < (until or float("inf")):
+        counts.append(int((batches.next()[1] != IGNORE).sum()))
+    return counts
+
+
+def steps_to_targets(argv, targets):
+    """The number of steps of train_infill.py `argv`'s stream whose targets come nearest to
+    `targets` (stream_targets)."""
+    counts = stream_targets(argv, until=targets)
+    return len(counts) - (sum(counts) - targets > targets - sum(counts[:-1]))
+
+
+def stream_key(args):
+    """The flags that shape both runs' data streams (the same on any machine)."""
+    return {k: str(getattr(args, k)) for k in ("steps", "seq_len", "batch_tokens", "seed",
+                                               "whole_docs", "fim_whole_docs", "corpus_mb",
+                                               "whole_files", "tokenizer", "vocab_size")} | {
+        "init": args.init and args.init.name, "corpus": [c.name for c in args.corpus]}
+
+
+def equal_target_steps(args, tok_path, corpus, runs):
+    """Steps of each run such that both train on the same number of targets: --steps for the FIM
+    run, whose whole-example placement pads part of each step (its padding is never a target), and
+    for the plain run the steps whose targets come nearest to the FIM run's (steps_to_targets; each
+    run's schedule spans its own steps). Counted once, kept in OUT/steps.json."""
+    path, key = args.out / "steps.json", stream_key(args)
+    if path.exists() and json.loads(path.read_text())["key"] == key:
+        return json.loads(path.read_text())["steps"]
+    argv = lambda name, steps: train_cmd(args, tok_path, corpus, runs[name],  # noqa: E731
+                                         args.out / name, steps)[2:]
+    fim = sum(stream_targets(argv("fim-0.9", args.steps), steps=args.steps))
+    plain = steps_to_targets(argv("fim-0", args.steps), fim)
+    steps = {"fim-0.9": args.steps, "fim-0": plain}
+    write_atomic(path, json.dumps({"key": key, "steps": steps, "fim_targets": fim}))
+    return steps
+
+
 def train_both(args, tok_path, corpus, runs):
     """The two runs side by side, one thread each (two processes use two busy cores better than
-    one process with two threads)."""
+    one process with two threads), each for its equal_target_steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, t0 = {}, time.time()
+    steps = equal_target_steps(args, tok_path, corpus, runs)
     for name, rate in runs.items():
         out = args.out / name
-        if finished(out, args.steps):
+        if finished(out, steps[name]):
             continue
         with open(args.out / f"{name}.log", "w") as log:
-            procs[name] = subprocess.Popen(train_cmd(args, tok_path, corpus, rate, out), cwd=ROOT,
+            procs[name] = subprocess.Popen(train_cmd(args, tok_path, corpus, rate, out,
+                                                     steps[name]), cwd=ROOT,
                                            stdout=log, stderr=subprocess.STDOUT, env=env)
     for name, proc in procs.items():
         if proc.wait():
@@ -315,17 +374,20 @@ def train_both(args, tok_path, corpus, runs):
         rows = [json.loads(x) for x in (args.out / name / "metrics.jsonl").read_text().splitlines()]
         last = rows[-20:]
         stats[name] = {"train_loss_last_20": sum(r["loss"] for r in last) / len(last),
-                       "tokens": rows[-1]["tokens"],
+                       "tokens": rows[-1]["tokens"], "steps": rows[-1]["step"],
+                       "targets": sum(r["targets"] for r in rows),
                        "train_minutes": (time.time() - t0) / 60 if name in procs else None}
     return stats
 
 
 @torch.no_grad()
 def ar_loss(model, tok, files, seq_len, n_windows):
-    """Mean next-token loss on BOS + file + EOS of the held-out files, packed into windows."""
+    """Mean next-token loss on the held-out files, each rendered as a training document (BOS where
+    the tokenizer has one, file, EOS), packed into windows."""
     ids = []
     for f in files:
-        ids += tok.encode(f.read_text(encoding="utf-8", errors="replace"), bos=True, eos=True)
+        ids += tok.start_ids + tok.encode(f.read_text(encoding="utf-8", errors="replace"),
+                                          eos=True)  # as bos_eos renders a training document
         if len(ids) > n_windows * seq_len + 1:
             break
     n = min(n_windows, (len(ids) - 1) // seq_len)
@@ -339,50 +401,19 @@ def ar_loss(model, tok, files, seq_len, n_windows):
     return total / (n * seq_len), n * seq_len
 
 
-def prompt_and_middle(tok, task, mode):
-    """The prompt of a mode and the ids the model should write: PSM, SPM (Code Llama's layouts,
-    format_infill) or l2r (BOS + the prefix alone, continued: what an AR model can do). In SPM
-    and l2r the middle continues the prefix's tokens, as SPM training encodes prefix + middle as
-    one text; where a token straddles the cut (random spans), the middle's own encoding, which
-    decodes to the same text after the prefix, is scored instead (token healing, App. E, would
-    let the model re-write the straddling token)."""
-    if mode == "psm":
-        return format_infill(tok, task["prefix"], task["suffix"]), \
-            tok.encode_infilling(task["middle"])
-    head = tok.encode(task["prefix"])
-    whole = tok.encode(task["prefix"] + task["middle"])
-    target = whole[len(head):] if whole[:len(head)] == head else \
-        tok.encode_infilling(task["middle"])
-    prompt = (format_infill(tok, task["prefix"], task["suffix"], suffix_first=True)
-              if mode == "spm" else tok.encode(task["prefix"], bos=tok.add_bos))
-    return prompt, target
-
-
-@torch.no_grad()
 def score_task(model, tok, task, mode, max_new_tokens):
-    """One task in one mode: the true middle's loss (nats, and its characters), teacher-forced
-    the first middle token apart from the rest (greedy choice right or not, loss), and the exact
-    match of the greedy middle. Generation stops at <EOT> or EOS, and for line tasks once it has
-    as many line ends as the middle, whose lines it is compared with; a random span's end cannot
-    be told without the suffix, so prefix-only completion of a span is not generated (None)."""
-    prompt, target = prompt_and_middle(tok, task, mode)
-    device = model.tok_embeddings.weight.device
-    logits = model(torch.tensor([prompt + target[:-1]], device=device))[0, len(prompt) - 1:]
-    losses = F.cross_entropy(logits.float(), torch.tensor(target, device=device),
-                             reduction="none").tolist()
-    right = [int(a == b) for a, b in zip(logits.argmax(-1).tolist(), target)]
-    row = {"nats": sum(losses), "chars": len(task["middle"]), "first_hit": right[0],
-           "first_nats": losses[0], "rest_hits": sum(right[1:]), "rest_nats": sum(losses[1:]),
-           "rest_n": len(target) - 1, "hit": None}
+    """One task in one mode (eval.INFILL_MODES: PSM, SPM, the prefix alone), with eval.py's own
+    functions: teacher-forced, the true middle's loss and its first token apart
+    (eval.infill_forced), and the exact match of the greedy middle (eval.infill_middle; token
+    healing in SPM and l2r, as eval.py infill does). Generation stops at <EOT> or EOS, and for line
+    tasks once it has as many line ends as the middle, whose lines it is compared with; a random
+    span's end cannot be told without the suffix, so prefix-only completion of a span is not
+    generated (None)."""
+    row = {**infill_forced(model, tok, [task], mode, batch=1)[0], "hit": None}
     if task["kind"] == "span" and mode == "l2r":
         return row
-    stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
-    decode = infill_decoder(tok, task["prefix"], mode != "psm")  # l2r decodes as SPM does
-    n_lines = task["middle"].count("\n") if task["kind"] != "span" else 0
-    stop = (lambda i, ids: decode(ids).count("\n") >= n_lines) if n_lines else None
-    middle = decode(generate(model, prompt, max_new_tokens, stop_ids=stop_ids, stop=stop)[0])
-    if n_lines:
-        middle = "".join(middle.splitlines(keepends=True)[:n_lines])
+    lines = task["middle"].count("\n") if task["kind"] != "span" else 0
+    middle = infill_middle(model, tok, task, mode, max_new_tokens, lines=lines)[2]
     row["hit"] = int(infill_exact(middle, task["middle"]))
     return row
 
@@ -391,13 +422,10 @@ def summarize(rows):
     """A mode's scores over its tasks (rows of score_task, in task order)."""
     n = len(rows)
     hits = [r["hit"] for r in rows]
-    rest_n = max(1, sum(r["rest_n"] for r in rows))
     return {"hits": hits, "exact": None if None in hits else sum(hits) / n,
             "nats_per_char": sum(r["nats"] for r in rows) / sum(r["chars"] for r in rows),
             "first_acc": sum(r["first_hit"] for r in rows) / n,
-            "first_loss": sum(r["first_nats"] for r in rows) / n,
-            "rest_acc": sum(r["rest_hits"] for r in rows) / rest_n,
-            "rest_loss": sum(r["rest_nats"] for r in rows) / rest_n}
+            "first_loss": sum(r["first_nats"] for r in rows) / n}
 
 
 def load_model(args, name, device):
@@ -559,7 +587,9 @@ def main():
         tok_path = Path(args.tokenizer).resolve()
     if args.init:
         tok_path = Tokenizer.from_pretrained(args.init).path
-    if not all(finished(args.out / name, args.steps) for name in runs):
+    saved = args.out / "steps.json"
+    if not (saved.exists() and all(finished(args.out / name, steps) for name, steps in
+                                   json.loads(saved.read_text())["steps"].items())):
         corpus = args.out / "train.jsonl"
         if not corpus.exists():
             n = write_corpus(train_files, corpus, args.whole_files)
@@ -593,39 +623,42 @@ def main():
           f"all; load average {os.getloadavg()[0]:.1f}")
 
 
+def comparisons(names):
+    """The paired comparisons, fixed before anything runs (no mode is picked on the test tasks):
+    the FIM model's PSM and its SPM, each against the same tasks completed from the prefix alone by
+    the plain continuation, and by the --init model as it is (when there is one)."""
+    return [(("fim-0.9", fim), (base, "l2r")) for base in ("fim-0", "untrained")
+            if base in names for fim in ("psm", "spm")]
+
+
 def report(results, names):
-    """The tables: AR loss; per kind of task, exact match and middle loss per mode, the first
-    middle token apart from the rest; the paired comparison of the FIM model's best infilling
-    mode with the best the plain model does in any mode."""
+    """The tables: AR loss and targets; per kind of task, exact match, middle loss and the first
+    middle token per mode; then the fixed paired comparisons (McNemar)."""
     runs, tasks = results["runs"], results["tasks"]
     a, b = runs["fim-0.9"], runs["fim-0"]
-    print(f"\nAR held-out loss: " + ", ".join(f"{n} {runs[n]['ar_loss']:.4f}" for n in names)
+    print("\nAR held-out loss: " + ", ".join(f"{n} {runs[n]['ar_loss']:.4f}" for n in names)
           + f" ({a['ar_tokens']:,} tokens); FIM vs not: "
-          f"{100 * (a['ar_loss'] / b['ar_loss'] - 1):+.1f}%; {a['tokens']:,} training tokens each")
+          f"{100 * (a['ar_loss'] / b['ar_loss'] - 1):+.1f}%; training targets (losses summed): "
+          f"FIM {a['targets']:,} in {a['steps']} steps, plain {b['targets']:,} in {b['steps']}")
     for kind in KINDS:
         if not tasks[kind]:
             continue
         print(f"\n{kind} ({tasks[kind]} tasks) | exact match PSM / SPM / prefix only | middle "
-              "nats/char | first middle token: accuracy | its loss (nats) | rest: accuracy | "
-              "loss (nats/token) |")
-        print("|---|---|---|---|---|---|---|")
+              "nats/char | first middle token: accuracy | its loss (nats) |")
+        print("|---|---|---|---|---|")
         for name in names:
             r = runs[name]
             print(f"| {name} | " + " | ".join(
                 " / ".join(fmt(r[f"{kind}/{m}"][k]) for m in MODES)
-                for k in ("exact", "nats_per_char", "first_acc", "first_loss", "rest_acc",
-                          "rest_loss")) + " |")
-        # Paired on the same tasks: right only with FIM, only without (McNemar).
-        best = lambda r, modes: max((m for m in modes if r[f"{kind}/{m}"]["exact"] is not None),
-                                    key=lambda m: r[f"{kind}/{m}"]["exact"])  # noqa: E731
-        fim, plain = best(a, ("psm", "spm")), best(b, MODES)
-        ha, hb = a[f"{kind}/{fim}"]["hits"], b[f"{kind}/{plain}"]["hits"]
-        only_fim = sum(x > y for x, y in zip(ha, hb))
-        only_plain = sum(y > x for x, y in zip(ha, hb))
-        z = (only_fim - only_plain) / max(1, only_fim + only_plain) ** 0.5
-        print(f"paired ({kind}): FIM {fim} {a[f'{kind}/{fim}']['exact']:.3f} vs no-FIM {plain} "
-              f"{b[f'{kind}/{plain}']['exact']:.3f}; right only with FIM {only_fim}, only "
-              f"without {only_plain} (McNemar z = {z:.1f})")
+                for k in ("exact", "nats_per_char", "first_acc", "first_loss")) + " |")
+        for (na, ma), (nb, mb) in comparisons(names):
+            ha, hb = runs[na][f"{kind}/{ma}"]["hits"], runs[nb][f"{kind}/{mb}"]["hits"]
+            if None in ha or None in hb:
+                continue
+            only_a, only_b, p = mcnemar(ha, hb)
+            print(f"paired ({kind}): {na} {ma} {sum(ha) / len(ha):.3f} vs {nb} {mb} "
+                  f"{sum(hb) / len(hb):.3f}; right only with the first {only_a}, only with the "
+                  f"second {only_b} (McNemar p = {p:.3g})")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def test_model_prompts_are_code_llamas_layouts(tiny_infill_ckpt, problems):
     task = ev.infill_tasks(problems, "random")[7]
     pre, suf = task["prefix"], task["suffix"]
     for spm in (False, True):
-        prompt, ids, middle = ev.infill_middle(model, tok, task, spm, max_new_tokens=5)
+        prompt, ids, middle = ev.infill_middle(model, tok, task, "spm" if spm else "psm",
+                                               max_new_tokens=5, heal=False)
         assert prompt == format_infill(tok, pre, suf, suffix_first=spm)
         # Code Llama's layouts (sec. 2.3), checked without our encoders: the ids at 1, 32007-32009
         # in PSM or SPM order, the prefix decoding to itself, the suffix's pieces spelling it
@@ -175,3 +176,105 @@ def test_a_model_without_infilling_tokens_is_refused(tmp_path, llama2_tokenizer)
                  "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--canonical runs no model"):
         ev.main(["infill", "--canonical", "--ckpt", str(tmp_path / "ckpt")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Token healing (Code Llama App. E) on byte-level BPE, and the paired test
+
+
+@pytest.fixture(scope="module")
+def smol_infill(smollm2_dir, tmp_path_factory):
+    """SmolLM2's real tokenizer extended with the infilling tokens (as train_infill.py does)."""
+    from tokenizer import extend_tokenizer
+    return extend_tokenizer(smollm2_dir / "tokenizer.json",
+                            tmp_path_factory.mktemp("smol") / "tokenizer.json")
+
+
+def test_healed_prompts_continue_as_training_text_does(problems, smol_infill,
+                                                       codellama_tokenizer):
+    """SmolLM2: every single-line task's SPM and prefix-only prompt, encoded as is, ends in a
+    token that the training text of the same characters does not have (a line end that text joins
+    to the next line's indentation); healed, prompt + true middle are exactly the ids of the SPM
+    training example (train_infill.fim_example) and of the plain document. Llama 2's SentencePiece
+    keeps line ends apart, so its prompts need no healing and healing changes nothing."""
+    from train_infill import fim_example
+    tasks = ev.infill_tasks(problems, "single")
+    for path in (smol_infill, codellama_tokenizer):
+        tok = Tokenizer(path)
+        unhealed = 0
+        for t in tasks:
+            example = fim_example(tok, t["prefix"], t["middle"], t["suffix"], suffix_first=True)
+            plain = tok.start_ids + tok.encode(t["prefix"] + t["middle"])
+            for mode, want in (("spm", example[:-2]), ("l2r", plain)):
+                prompt, healed = ev.infill_prompt(tok, t["prefix"], t["suffix"], mode)
+                target = ev.infill_target(tok, t, mode, healed)
+                assert prompt + target == want, t["task_id"]
+                assert ev.infill_decoder(tok, t["prefix"], True, healed)(target) == t["middle"]
+                tail = b"".join(tok.token_bytes(i) for i in healed)
+                assert b"".join(tok.token_bytes(i) for i in target).startswith(tail)
+                allowed, j = ev.heal_constraint(tok, healed), 0
+                while allowed and allowed(0, target[:j]) is not None:  # allowed, id by id
+                    assert target[j] in allowed(0, target[:j])
+                    j += 1
+            raw = ev.infill_prompt(tok, t["prefix"], t["suffix"], "spm", heal=False)[0]
+            unhealed += example[:len(raw)] != raw
+        assert unhealed == (len(tasks) if tok.kind == "tokenizer.json" else 0)
+
+
+def test_canonical_through_smollm2_with_healing_round_trips(tmp_path, smol_infill):
+    rc = ev.main(["infill", "--canonical", "--tokenizer", str(smol_infill), "--limit", "6",
+                  "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["token_healing"] and all(
+        r["exact_match"] == 1.0 and r["pass@1"] == 1.0 for r in summary["results"])
+
+
+def test_smollm2_healed_generation_and_teacher_forcing_agree(smollm2_dir, problems):
+    """SmolLM2 as it is, the prefix alone, healed: the first id generated spells the backed-up
+    line end (and the indentation after it), the middle text leaves it out, and teacher forcing
+    scores under the same constraint (its greedy first id is the generated one). Batched teacher
+    forcing (padded at the end) gives the scores of one task at a time."""
+    from sample import load
+    model, tok = load(smollm2_dir)
+    tasks = [t for t in ev.infill_tasks(problems, "single") if "return" in t["middle"]][:3]
+    rows = ev.infill_forced(model, tok, tasks, "l2r", batch=3)
+    alone = [ev.infill_forced(model, tok, [t], "l2r", batch=1)[0] for t in tasks]
+    for a, b in zip(rows, alone):
+        assert a["nats"] == pytest.approx(b["nats"], rel=1e-3, abs=1e-3)
+        assert a["first_hit"] == b["first_hit"]
+    for t, row in zip(tasks, rows):
+        prompt, ids, middle = ev.infill_middle(model, tok, t, "l2r", 24, lines=1)
+        assert prompt == tok.encode(t["prefix"])[:-1]  # no BOS for SmolLM2; "\n" backed up
+        assert tok.token_bytes(ids[0]).startswith(b"\n") and not middle.startswith("\n")
+        assert tok.decode(prompt + ids).startswith(t["prefix"] + middle.rstrip("\n"))
+        target = ev.infill_target(tok, t, "l2r", [tok.encode(t["prefix"])[-1]])
+        assert row["first_hit"] == int(ids[0] == target[0])
+        unhealed = ev.infill_middle(model, tok, t, "l2r", 24, heal=False, lines=1)
+        assert unhealed[0] == tok.encode(t["prefix"])
+
+
+def test_mcnemar_exact_two_sided():
+    assert ev.mcnemar([1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]) == (5, 0, 2 / 32)
+    assert ev.mcnemar([1, 0, 1, 0], [1, 0, 1, 0]) == (0, 0, 1.0)
+    only_a, only_b, p = ev.mcnemar([1] * 30 + [0] * 70, [0] * 10 + [1] * 20 + [0] * 70)
+    assert (only_a, only_b) == (10, 0) and p == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="paired"):
+        ev.mcnemar([1], [1, 0])
+
+
+def test_healing_changes_no_score_where_sentencepiece_keeps_lines_apart(tiny_infill_ckpt,
+                                                                        problems):
+    """Llama's tokenizer: the backed-up line end can only be written again as itself, so healed
+    and unhealed teacher forcing give the same scores, and the first middle token is the one
+    after it (the first id that holds a character of the middle)."""
+    from sample import load
+    model, tok = load(tiny_infill_ckpt)
+    tasks = ev.infill_tasks(problems, "single")[:4]
+    for mode in ("spm", "l2r"):
+        healed = ev.infill_forced(model, tok, tasks, mode, heal=True)
+        plain = ev.infill_forced(model, tok, tasks, mode, heal=False)
+        for a, b in zip(healed, plain):
+            assert a["first_hit"] == b["first_hit"]
+            assert a["first_nats"] == pytest.approx(b["first_nats"], abs=1e-4)
+            assert a["nats"] == pytest.approx(b["nats"], abs=1e-3)

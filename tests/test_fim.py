@@ -501,3 +501,116 @@ def test_sample_infill_stops_at_eot_and_prints_prefix_middle_suffix(echo_ckpt, c
     assert demo.startswith(sample.DEMO_PREFIX + "X" + sample.DEMO_SUFFIX)
     with pytest.raises(SystemExit, match="exactly one <FILL>"):
         sample.main([*ckpt, "--infill", "--prompt", "no marker"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One BOS rule (issue 23, 2a) and the targets each step logs (2b)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir, tmp_path_factory):
+    """SmolLM2's real tokenizer extended with the infilling tokens, as train_infill.py does."""
+    from tokenizer import extend_tokenizer
+    return Tokenizer.from_pretrained(extend_tokenizer(
+        smollm2_dir / "tokenizer.json", tmp_path_factory.mktemp("smol") / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("which", ["smollm2", "codellama"])
+def test_documents_examples_and_prompts_start_alike(which, request):
+    """Plain documents, PSM and SPM examples, and the PSM, SPM and prefix-only prompts all start
+    with BOS under Llama 2's tokenizer (Code Llama's reference prompts put BOS before <PRE>), and
+    none does under SmolLM2's, whose prompts carry no BOS (tokenizer.json, add_bos_token false)."""
+    import eval as ev
+    t = request.getfixturevalue("smol" if which == "smollm2" else "tok")
+    start = [t.bos_id] if which == "codellama" else []
+    assert t.start_ids == start
+    prefix, middle, suffix = "def f(x):\n", "    y = x + 1\n", "    return y\n"
+    text = prefix + middle + suffix
+    doc = Document(np.array(t.encode(text)), "python", t.decode)
+    assert bos_eos(t)(doc, None)[0].tolist() == start + t.encode(text) + [t.eos_id]
+    for mode in ("psm", "spm"):
+        example = fim_example(t, prefix, middle, suffix, suffix_first=mode == "spm")
+        prompt = format_infill(t, prefix, suffix, suffix_first=mode == "spm")
+        assert example[:len(start) + 1] == prompt[:len(start) + 1] == start + [t.prefix_id]
+        # the prompt (token-healed in SPM, eval.infill_prompt) and the middle's ids are the
+        # example's ids up to its <EOT>
+        healed, backed = ev.infill_prompt(t, prefix, suffix, mode)
+        assert healed + ev.infill_target(t, {"prefix": prefix, "middle": middle}, mode,
+                                         backed) == example[:-2]
+    # the prefix-only baseline prompt starts as a plain document does, and continues into it
+    prompt, backed = ev.infill_prompt(t, prefix, suffix, "l2r", heal=False)
+    assert prompt == start + t.encode(prefix) and backed == []
+    healed, backed = ev.infill_prompt(t, prefix, suffix, "l2r")
+    assert healed + ev.infill_target(t, {"prefix": prefix, "middle": middle}, "l2r", backed) == \
+        start + t.encode(prefix + middle)
+
+
+def test_smollm2_fim_stream_has_no_bos(smol, tmp_path):
+    """In a packed FIM stream over SmolLM2's tokenizer no BOS appears at all: documents are
+    separated by EOS alone, and each example starts with <PRE> as its prompt does."""
+    with open(tmp_path / "pieces.jsonl", "w") as f:  # json's functions, each a document
+        for path in sorted((STDLIB / "json").rglob("*.py")):
+            for piece in re.split(r"\n(?=[ \t]*(?:def|class)[ \t])", path.read_text()):
+                f.write(json.dumps({"text": piece + "\n", "lang": "python"}) + "\n")
+    prepare([tmp_path / "pieces.jsonl"], smol.path, tmp_path / "data", progress=False)
+    b = Batches([Corpus(tmp_path / "data")], [1.0], 256, 4, seed=0, tok=smol,
+                transform=fim(smol, 256), eval_docs=0)
+    rows = np.concatenate([b.next()[0] for _ in range(4)])
+    assert not (rows == smol.bos_id).any() and (rows == smol.prefix_id).any()
+    for row in rows:
+        assert all(p == 0 or row[p - 1] == smol.eos_id
+                   for p in np.flatnonzero(row == smol.prefix_id))
+
+
+def test_metrics_log_each_steps_targets_as_the_stream_counts_them(tokenizer, tmp_path):
+    """metrics.jsonl's `targets` is each step's count of trained-on positions, which for FIM with
+    whole examples is below the step's tokens by its padding; fim_vs_ar counts the same numbers
+    without a model, and gives the plain run the steps that reach the FIM run's total."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fim_vs_ar
+    with open(tmp_path / "pieces.jsonl", "w") as f:  # functions: most fit in a context
+        for path in sorted([*(STDLIB / "json").rglob("*.py"), *(STDLIB / "email").rglob("*.py")]):
+            for piece in re.split(r"\n(?=[ \t]*(?:def|class)[ \t])", path.read_text()):
+                f.write(json.dumps({"text": piece + "\n", "lang": "python"}) + "\n")
+    argv = ["--init", "tiny", "--tokenizer", str(tokenizer), "--data",
+            str(tmp_path / "pieces.jsonl"),
+            "--steps", "3", "--seq-len", "256", "--batch-tokens", "1024", "--micro-batch", "4",
+            "--lr", "1e-3", "--warmup", "1", "--eval-every", "0", "--dtype", "fp32"]
+    logged = {}
+    for rate in ("0.9", "0"):
+        out = tmp_path / f"fim-{rate}"
+        r = subprocess.run([sys.executable, "train_infill.py", *argv, "--fim-rate", rate,
+                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        logged[rate] = [row["targets"] for row in rows]
+        counted = fim_vs_ar.stream_targets([*argv, "--fim-rate", rate, "--out",
+                                            str(tmp_path / f"count-{rate}")], steps=3)
+        assert logged[rate] == counted
+        pad = [round(row["pad_frac"] * 1024) for row in rows]
+        assert all(t <= 1024 - p for t, p in zip(logged[rate], pad))  # padding is no target
+    assert sum(logged["0.9"]) < 3 * 1024 and logged["0"] == [1024] * 3
+    fim_targets = sum(logged["0.9"])
+    plain_argv = [*argv, "--fim-rate", "0", "--out", str(tmp_path / "p")]
+    plain = fim_vs_ar.stream_targets(plain_argv, until=fim_targets)
+    assert sum(plain[:-1]) < fim_targets <= sum(plain)
+    k = fim_vs_ar.steps_to_targets(plain_argv, fim_targets)  # the nearest count of steps
+    assert abs(sum(plain[:k]) - fim_targets) == min(abs(sum(plain[:j]) - fim_targets)
+                                                    for j in range(len(plain) + 1))
+
+
+def test_infilling_comparisons_are_fixed_before_the_run():
+    """Both benches pair the FIM model's PSM and its SPM with prefix-only completion by each
+    baseline: the same pairs whatever the scores (no mode picked on the test tasks)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fim_humaneval
+    import fim_vs_ar
+    fim = [("fim-0.9", "psm"), ("fim-0.9", "spm")]
+    assert fim_vs_ar.comparisons(["fim-0.9", "fim-0"]) == [(m, ("fim-0", "l2r")) for m in fim]
+    assert fim_vs_ar.comparisons(["fim-0.9", "fim-0", "untrained"]) == [
+        (m, (base, "l2r")) for base in ("fim-0", "untrained") for m in fim]
+    assert fim_humaneval.pairs(["fim", "smollm2"]) == [
+        (("fim", m), (base, "l2r")) for base in ("smollm2", "fim") for m in ("psm", "spm")]
+    assert [b for _, b in fim_humaneval.pairs(["fim", "smollm2", "plain"])][:2] == [
+        ("plain", "l2r")] * 2
