@@ -243,6 +243,12 @@ class OpenAIBackend:
         how = "our token ids" if self.takes_ids else "text"
         print(f"{self.base}: the infilling prompt's text tokenized by the server: "
               f"{self.tokenization}; sending {how}", file=sys.stderr, flush=True)
+        if not self.takes_ids and self.tok.kind == "sentencepiece":
+            # transformers' Llama tokenizers put a space before the suffix (and cut runs of
+            # spaces otherwise): prompts of the same length but other ids pass the count check
+            print(f"warning: {self.base} takes text and {self.tok.path} is SentencePiece: the "
+                  "server's prompt ids may differ from ours (serve with vLLM to send ids)",
+                  file=sys.stderr, flush=True)
 
     def request(self, prompt, n, temperature, top_p, max_new_tokens, stop, seed, extra=None,
                 prompt_tokens=None):
