@@ -257,12 +257,15 @@ def test_infill_through_transformers_serve(infill_model, local_infill, tmp_path_
     assert all(r["token_ids"] is None for r in rows)  # text only
 
 
+# skipped at collection, before any fixture is built
+needs_vllm = pytest.mark.skipif(
+    not VLLM_PYTHON.is_file(), reason=f"vLLM is not installed at {VLLM_PYTHON} "
+    "(CODELLAMA_VLLM_PYTHON names the python of its venv): bash scripts/setup_vllm.sh")
+
+
 def vllm_serve(folder, log):
-    """vLLM's CPU build (its own venv, VLLM_PYTHON) holding `folder` in float32 on a free
-    loopback port, eager (compiling takes minutes on two cores), with a 1 GiB KV cache."""
-    if not VLLM_PYTHON.is_file():
-        pytest.skip(f"vLLM is not installed at {VLLM_PYTHON} (CODELLAMA_VLLM_PYTHON names the "
-                    "python of its venv): bash scripts/setup_vllm.sh")
+    """vLLM's CPU build holding `folder` in float32 on a free loopback port, eager (compiling
+    takes minutes on two cores), with a 1 GiB KV cache."""
     port = free_port()
     argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", "served", "--dtype", "float32", "--max-model-len", "1024",
@@ -271,6 +274,7 @@ def vllm_serve(folder, log):
                   {"VLLM_CPU_KVCACHE_SPACE": "1"}, wait_s=900)
 
 
+@needs_vllm
 def test_infill_through_vllm(infill_model, local_infill, tmp_path_factory, capsys):
     """vLLM's CPU build: our token ids in, <EOT> by id, the middle's ids back."""
     folder, _ = infill_model
@@ -281,6 +285,7 @@ def test_infill_through_vllm(infill_model, local_infill, tmp_path_factory, capsy
     assert all(r["token_ids"] is not None for r in rows)
 
 
+@needs_vllm
 def test_sentencepiece_infill_through_vllm(codellama_tokenizer, tmp_path_factory, capsys):
     """Code Llama's vocabulary (SentencePiece, its infilling ids 32007-32010) under a random tiny
     model, whose middles are any pieces: the leading spaces of PSM middles (decode_infilling) and
