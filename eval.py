@@ -11,6 +11,7 @@ unbiased estimator below.
     python eval.py humaneval --ckpt out/python/hf --samples 200 --temperature 0.8   # pass@1,10,100
     python eval.py infill --canonical        # harness check of the infilling benchmarks
     python eval.py infill --ckpt out/infill/hf --limit 200
+    python eval.py infill --backend openai --base-url http://HOST:8000/v1 --model M --tokenizer DIR
     python eval.py ppl --ckpt out/longctx/hf --data val_code/ --lengths 1024,4096,16384,65536
     python eval.py retrieval --ckpt out/longctx/hf --data solutions/ --samples 64
 """
@@ -25,6 +26,7 @@ import random
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHAR
                   read_unit)
 from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 from model import DTYPES
-from prompts import format_infill
+from prompts import format_infill, infill_decoder
 from sample import generate, load
 from tokenizer import Tokenizer
 
@@ -326,6 +328,12 @@ def checkpoint_name(ckpt) -> str:
 #     python eval.py infill --canonical --tokenizer out/infill/hf   # harness check: all 1.0
 #     python eval.py infill --ckpt out/infill/hf --limit 200        # a quick look
 #     python eval.py infill --ckpt out/infill/hf                    # the full 8,488 tasks x 2
+#     python eval.py infill --ckpt out/infill/hf --backend hf       # transformers, the reference
+#     python eval.py infill --backend openai --base-url http://HOST:8000/v1 --model NAME \
+#         --tokenizer DIR            # a server (vLLM: our token ids in, the middle's ids out)
+#
+# Every backend builds the prompt with prompts.format_infill, ends at <EOT> and decodes the
+# middle with prompts.infill_decoder (backends.py); a server runs --concurrency tasks at once.
 
 INFILL_BENCHMARKS = ("single", "multi", "random")
 # The FIM paper's random-span benchmark has 1,640 tasks: 10 spans for each of the 164 problems.
@@ -437,21 +445,6 @@ def infill_target(tok, task, mode, healed=()):
     return head[len(keep):] + tok.encode_infilling(task["middle"])
 
 
-def infill_decoder(tok, prefix, suffix_first, healed=()):
-    """ids of a generated middle -> its text, as Code Llama decodes it. PSM: the middle was learnt
-    without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM (and l2r):
-    generation continues the prefix tokens, so the middle is what its ids add to the prefix; after
-    token healing, what they add to the prefix without its healed ids, less those ids' text."""
-    if not suffix_first:
-        return tok.decode_infilling
-    head = tok.encode(prefix)
-    if not healed:
-        return tok.continuation(head)
-    cont = tok.continuation(head[:len(head) - len(healed)])
-    n = len(cont(healed))
-    return lambda ids: cont(ids)[n:]
-
-
 def infill_exact(middle, reference):
     """Exact match, blind only to trailing whitespace (a missing final newline is no wrong
     answer here; pass@1 is the strict measure)."""
@@ -559,10 +552,13 @@ def infill(args):
     tasks = [t for b in benchmarks
              for t in subset(infill_tasks(problems, b, args.seed), args.limit, args.seed)]
 
-    if args.canonical and args.ckpt:
-        raise SystemExit("error: --canonical runs no model: give --tokenizer, not --ckpt")
-    if args.tokenizer and not args.canonical:
-        raise SystemExit("error: --tokenizer goes with --canonical (a model brings its own)")
+    if args.canonical and (args.ckpt or args.base_url):
+        raise SystemExit("error: --canonical runs no model: give --tokenizer, not --ckpt or "
+                         "--base-url")
+    if args.tokenizer and not args.canonical and args.backend != "openai":
+        raise SystemExit("error: --tokenizer goes with --canonical or --backend openai (a "
+                         "checkpoint brings its own)")
+    backend, concurrency = None, 1
     if args.canonical:
         # Feed the reference middles through the same decoding and scoring as a model's: with
         # --tokenizer, as the ids a model would emit (the suffix/middle encoding of sec. 2.3).
@@ -577,26 +573,45 @@ def infill(args):
             return infill_decoder(tok, task["prefix"], spm, healed)(
                 infill_target(tok, task, mode, healed))
     else:
-        model, tok = load_model(args)
+        if args.backend == "openai" and not args.tokenizer:
+            raise SystemExit("error: --backend openai infills from our token ids: give the "
+                             "served model's tokenizer (--tokenizer DIR or FILE)")
+        backend = backends.make_backend(args)
+        concurrency, tok = backend.concurrency, backend.tok
         try:  # a clear error before any work: the model must know the infilling tokens
             format_infill(tok, "", "")
         except ValueError as e:
-            raise SystemExit(f"error: {args.ckpt}: cannot infill: {e}")
+            raise SystemExit(f"error: {args.ckpt or args.tokenizer}: cannot infill: {e}")
 
-        def fill(task, spm):
-            return infill_middle(model, tok, task, "spm" if spm else "psm",
-                                 args.max_new_tokens, args.token_healing)[2]
+        if args.token_healing and args.backend != "local":
+            print(f"token healing: off with --backend {args.backend} (it constrains the first ids "
+                  "a model writes, which only the local backend can)")
+        healing = args.token_healing and args.backend == "local"
+
+        def fill(task, spm):  # greedy, ending at <EOT>
+            if healing and spm:  # PSM prompts are never healed (infill_prompt)
+                return infill_middle(backend.model, tok, task, "spm", args.max_new_tokens)[2]
+            return backend.infill(task["prefix"], task["suffix"], spm, n=1, temperature=0.0,
+                                  top_p=1.0, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed)[0].text
 
     t0 = time.monotonic()
-    rows = []
     bar = Progress("infill", len(tasks) * len(modes))
-    for mode in modes:
-        for task in tasks:
-            middle = fill(task, mode == "spm")
-            rows.append({"task_id": task["task_id"], "benchmark": task["task_id"].split("/")[0],
-                         "mode": mode, "middle": middle,
-                         "exact": infill_exact(middle, task["middle"])})
-            bar.step()
+
+    def work(job):
+        mode, task = job
+        middle = fill(task, mode == "spm")
+        return {"task_id": task["task_id"], "benchmark": task["task_id"].split("/")[0],
+                "mode": mode, "middle": middle, "exact": infill_exact(middle, task["middle"])}
+
+    rows = []
+    try:  # a server's requests in flight at once (--concurrency); one at a time in-process
+        with ThreadPoolExecutor(concurrency) as pool:
+            for row in pool.map(work, [(mode, task) for mode in modes for task in tasks]):
+                rows.append(row)
+                bar.step()
+    except backends.ServerError as e:
+        raise SystemExit(f"error: infill stopped: {e}") from None
     gen_wall = time.monotonic() - t0
     by_id = {t["task_id"]: t for t in tasks}
     programs = []
@@ -620,11 +635,14 @@ def infill(args):
             table.append({"benchmark": b, "mode": mode, "tasks": len(sel),
                           "exact_match": sum(r["exact"] for r in sel) / len(sel),
                           "pass@1": sum(r["status"] == "passed" for r in sel) / len(sel)})
-    what = "canonical middles" if args.canonical else args.ckpt
+    what = "canonical middles" if args.canonical else args.model or args.ckpt
     summary = {"benchmark": "humaneval-infilling", "model": what,
+               "backend": None if args.canonical else args.backend,
+               "server_tokenization": getattr(backend, "tokenization", None),
                "tokenizer": str(tok.path) if tok is not None else None,
                "limit": args.limit, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-               "token_healing": args.token_healing,
+               "token_healing": args.token_healing and (args.canonical
+                                                        or args.backend == "local"),
                "sandbox": sb.mode, "generation_wall_s": round(gen_wall, 2),
                "wall_s": round(time.monotonic() - t0, 2), "results": table}
     md = [f"# HumanEval infilling: {what}", "",
@@ -649,11 +667,16 @@ def infill(args):
 def add_infill_parser(commands):
     p = add_command(commands, "infill", "HumanEval infilling: single-line, multi-line, random "
                     "span; PSM and SPM")
-    add_model_flags(p, "HF-layout checkpoint whose tokenizer has the infilling tokens")
+    p.add_argument("--ckpt", help="HF-layout checkpoint whose tokenizer has the infilling tokens "
+                   "(--backend local or hf)")
+    p.add_argument("--base-url", help="OpenAI-compatible server (--backend openai)")
+    backends.add_flags(p, ("local", "hf", "openai"),
+                       device="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--canonical", action="store_true",
                    help="fill in the reference middles (a harness check: all must pass and match)")
     p.add_argument("--tokenizer", help="with --canonical: pass the reference middles through this "
-                   "tokenizer's infilling encode and the decoding of each mode")
+                   "tokenizer's infilling encode and the decoding of each mode; with --backend "
+                   "openai: the served model's tokenizer, which builds the prompt's ids")
     p.add_argument("--benchmarks", default=",".join(INFILL_BENCHMARKS),
                    help="comma-separated subset of " + ",".join(INFILL_BENCHMARKS))
     p.add_argument("--mode", choices=["psm", "spm", "both"], default="both",

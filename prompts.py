@@ -1,10 +1,12 @@
 """The prompt layouts, each written once: Code Llama's infilling prompt (PSM and SPM), the Llama 2
 chat layout of Code Llama - Instruct, and SmolLM2-Instruct's ChatML. Each chat layout is defined as
-text pieces; the token ids (with their loss mask, for instruction tuning) are those pieces encoded,
-and the prompt text a /completions server gets is the same pieces joined.
+text pieces, and the infilling layout as pieces too; the token ids (with their loss mask, for
+instruction tuning) are those pieces encoded, and the prompt text a /completions server gets is
+the same pieces joined.
 
-    from prompts import format_infill, format_chat, chat_text
+    from prompts import format_infill, infill_text, format_chat, chat_text
     ids = format_infill(tok, "def add(a, b):\n    ", "\n    return c\n")   # PSM
+    text = infill_text("def add(a, b):\n    ", "\n    return c\n")     # the same, for a server
     ids = format_chat(tok, [{"role": "user", "content": "Reverse a list."}])
     text = chat_text([{"role": "user", "content": "Reverse a list."}], "llama2")
 """
@@ -20,9 +22,20 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
+def infill_pieces(prefix, suffix, suffix_first=False):
+    """Code Llama's infilling layout (sec. 2.3 and its reference code), written once: the names of
+    the infilling tokens, and the texts as ("text", prefix), encoded as the start of a text, and
+    ("infilling", suffix), encoded without SentencePiece's implicit leading space.
+    PSM: ▁<PRE> prefix ▁<SUF> suffix ▁<MID>;  SPM: ▁<PRE> ▁<SUF> suffix ▁<MID> prefix.
+    The model then writes the middle and stops at ▁<EOT>."""
+    pre, suf, mid = (INFILL_PIECES[k] for k in ("prefix", "suffix", "middle"))
+    if suffix_first:
+        return [pre, suf, ("infilling", suffix), mid, ("text", prefix)]
+    return [pre, ("text", prefix), suf, ("infilling", suffix), mid]
+
+
 def format_infill(tok, prefix, suffix, suffix_first=False):
-    """Code Llama's infilling prompt (sec. 2.3 and its reference code); the model then writes the
-    middle and stops at ▁<EOT>.
+    """Code Llama's infilling prompt as ids: BOS where the tokenizer adds one, then infill_pieces.
     PSM: [BOS, ▁<PRE>] + enc(prefix) + [▁<SUF>] + enc_infilling(suffix) + [▁<MID>]
     SPM: [BOS, ▁<PRE>, ▁<SUF>] + enc_infilling(suffix) + [▁<MID>] + enc(prefix)
     BOS is tok.start_ids: there for Llama 2's tokenizer (Code Llama's reference code), absent for
@@ -34,12 +47,47 @@ def format_infill(tok, prefix, suffix, suffix_first=False):
     if missing:
         raise ValueError(f"tokenizer {tok.path} lacks the infilling pieces {missing}; "
                          "make one with tokenizer.extend_tokenizer")
-    bos = tok.start_ids  # BOS before <PRE> where prompts carry one, as documents do
-    if suffix_first:
-        return (bos + [tok.prefix_id, tok.suffix_id] + tok.encode_infilling(suffix)
-                + [tok.middle_id] + tok.encode(prefix))
-    return (bos + [tok.prefix_id] + tok.encode(prefix) + [tok.suffix_id]
-            + tok.encode_infilling(suffix) + [tok.middle_id])
+    out = list(tok.start_ids)  # BOS before <PRE> where prompts carry one, as documents do
+    for piece in infill_pieces(prefix, suffix, suffix_first):
+        if isinstance(piece, str):
+            out.append(tok.piece_to_id(piece))
+        else:
+            kind, text = piece
+            out += tok.encode(text) if kind == "text" else tok.encode_infilling(text)
+    return out
+
+
+def infill_text(prefix, suffix, suffix_first=False):
+    """The infilling prompt as the text of a /completions request to a server that takes no token
+    ids: infill_pieces joined, the infilling tokens written by name (a tokenizer.json tokenizer,
+    as transformers runs it, reads an added token's name in text as the token). BOS is left to
+    the server's tokenizer, as chat_text leaves it. A SentencePiece tokenizer run by transformers
+    adds its implicit space before the suffix too, which format_infill leaves out: there the
+    server's ids differ from ours (backends.OpenAIBackend checks)."""
+    return "".join(p if isinstance(p, str) else p[1]
+                   for p in infill_pieces(prefix, suffix, suffix_first))
+
+
+def infill_decoder(tok, prefix, suffix_first, healed=()):
+    """ids of a generated middle -> its text, as Code Llama decodes it. PSM: the middle was learnt
+    without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM (and the
+    prefix alone): generation continues the prefix tokens, so the middle is what its ids add to
+    the prefix; after token healing (eval.infill_prompt), what they add to the prefix without its
+    `healed` ids, less those ids' text."""
+    if not suffix_first:
+        return tok.decode_infilling
+    head = tok.encode(prefix)
+    if not healed:
+        return tok.continuation(head)
+    cont = tok.continuation(head[:len(head) - len(healed)])
+    n = len(cont(healed))
+    return lambda ids: cont(ids)[n:]
+
+
+def infill_stop_ids(tok):
+    """Where an infilling generation ends: at <EOT> (the model learnt to stop there, Bavarian et
+    al. 2022, sec. 3), or at EOS should the model emit it."""
+    return {i for i in (tok.eot_id, tok.eos_id) if i is not None}
 
 
 def check_dialog(messages, roles=("user", "assistant")):

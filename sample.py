@@ -12,6 +12,8 @@ HumanEval) and eval.py.
     python sample.py --ckpt out/instruct/hf --instruct --prompt "Write a function reversing a list"
     python sample.py --ckpt out/instruct/hf --instruct        # interactive multi-turn chat
     python sample.py --ckpt out/code/hf --prompt "def f(" --compile   # compiled decoding steps
+    python sample.py --infill --backend openai --base-url http://localhost:8000/v1 \
+        --model codellama/CodeLlama-7b-hf --tokenizer CodeLlama-7b-hf/ --greedy   # a vLLM server
 """
 
 import json
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+import backends
 from common import script_parser
 from model import DTYPES, Transformer
-from prompts import RESERVED_TAGS, format_dialog, format_infill
+from prompts import (RESERVED_TAGS, format_dialog, format_infill, infill_decoder,
+                     infill_stop_ids)
 from tokenizer import Tokenizer
 
 # Where `python demo.py` leaves its infilling model (SmolLM2 taught to infill): --infill's
@@ -194,13 +198,12 @@ def parser():
     p.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per generation on stdout")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: the checkpoint's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step first (minutes once; then ~1.3x tokens/s on a "
-                        "CPU: bench/bench_model.py --compile)")
+    p.add_argument("--base-url", help="OpenAI-compatible server (--backend openai)")
+    p.add_argument("--tokenizer", help="the served model's tokenizer (--backend openai --infill: "
+                   "the prompt is built as its token ids)")
+    # --compile: minutes once, then ~1.3x tokens/s on a CPU (bench/bench_model.py --compile)
+    backends.add_flags(p, ("local", "hf", "openai"),
+                       device="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--infill", action="store_true", help="fill in the middle (Code Llama sec. 2.3)")
     p.add_argument("--prefix", help="text before the hole (--infill)")
     p.add_argument("--suffix", help="text after the hole (--infill)")
@@ -211,8 +214,8 @@ def parser():
     return p
 
 
-def infill(args, model, tok):
-    """--infill: the middle between a prefix and a suffix, in the PSM or SPM layout (sec. 2.3)."""
+def infill_parts(args):
+    """--infill's (prefix, suffix): --prefix/--suffix, a --prompt around <FILL>, or the demo's."""
     if (args.prefix is not None or args.suffix is not None) and args.prompt is not None:
         raise SystemExit("error: --infill takes --prefix/--suffix or a --prompt holding "
                          "<FILL>, not both")
@@ -224,17 +227,47 @@ def infill(args, model, tok):
         prefix, suffix = args.prompt.split("<FILL>")
     else:
         prefix, suffix = DEMO_PREFIX, DEMO_SUFFIX
+    return prefix, suffix
+
+
+def infill(args, model, tok):
+    """--infill: the middle between a prefix and a suffix, in the PSM or SPM layout (sec. 2.3)."""
+    prefix, suffix = infill_parts(args)
     try:
         prompt_ids = format_infill(tok, prefix, suffix, suffix_first=args.spm)
     except ValueError as e:
         raise SystemExit(f"error: {args.ckpt}: {e}")
-    # SPM: the middle continues the prefix, which was encoded with its leading space
-    decode = tok.continuation(tok.encode(prefix)) if args.spm else tok.decode_infilling
     color = "\033[1;32m" if sys.stdout.isatty() else ""
-    # generation ends at <EOT> (the model learnt to stop there, Bavarian et al. 2022, sec. 3);
-    # EOS too, should the model emit it
-    run_one(args, model, tok, prompt_ids, decode, {tok.eot_id, tok.eos_id}, color,
-            before=prefix, after=suffix)
+    run_one(args, model, tok, prompt_ids, infill_decoder(tok, prefix, args.spm),
+            infill_stop_ids(tok), color, before=prefix, after=suffix)
+
+
+def served(args):
+    """--backend hf or openai: --infill, or a completion of --prompt, through backends.py, printed
+    whole when it is done (no streaming). token_ids is null where a server returns only text,
+    and tokens_per_s then counts the prompt's processing too."""
+    if args.instruct or not (args.infill or args.prompt is not None):
+        raise SystemExit(f"error: --backend {args.backend} runs --infill or a --prompt "
+                         "completion (--instruct runs on --backend local)")
+    backend = backends.make_backend(args)
+    sampling = dict(n=1, temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    t0 = time.perf_counter()
+    try:
+        if args.infill:
+            prefix, suffix = infill_parts(args)
+            c = backend.infill(prefix, suffix, args.spm, **sampling)[0]
+        else:
+            prefix, suffix = args.prompt, ""
+            c = backend.complete(args.prompt, stop=(), **sampling)[0]
+    except (backends.ServerError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"completion": c.text, "token_ids": c.ids, "time_s": wall,
+                          "tokens_per_s": len(c.ids) / wall if c.ids else 0.0}))
+    else:
+        print(f"{prefix}{c.text}{suffix}\n\n[{backend.name}: {wall:.1f} s, {c.finish}]")
 
 
 def instruct(args, model, tok):
@@ -273,6 +306,8 @@ def instruct(args, model, tok):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.backend == "openai" or args.base_url:  # a server: backends.make_backend checks
+        return served(args)
     if args.ckpt is None and args.infill:
         if not (DEMO_INFILL / "config.json").is_file():
             raise SystemExit(f"error: no --ckpt, and no demo infilling model in {DEMO_INFILL}: "
@@ -281,6 +316,8 @@ def main(argv=None):
     if args.ckpt is None:
         raise SystemExit("error: --ckpt is required (only --infill has a default: the demo's "
                          "infilling model)")
+    if args.backend == "hf":
+        return served(args)
     model, tok = load(args.ckpt, DTYPES.get(args.dtype), args.device)
     if args.infill:
         return infill(args, model, tok)

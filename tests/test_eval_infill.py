@@ -112,14 +112,18 @@ def tiny_infill_ckpt(tmp_path_factory, codellama_tokenizer):
 
 
 def test_model_prompts_are_code_llamas_layouts(tiny_infill_ckpt, problems):
-    from sample import load
-    model, tok = load(tiny_infill_ckpt)
+    from backends import LocalBackend
+    backend = LocalBackend(tiny_infill_ckpt)
+    tok = backend.tok
     task = ev.infill_tasks(problems, "random")[7]
     pre, suf = task["prefix"], task["suffix"]
     for spm in (False, True):
-        prompt, ids, middle = ev.infill_middle(model, tok, task, "spm" if spm else "psm",
-                                               max_new_tokens=5, heal=False)
-        assert prompt == format_infill(tok, pre, suf, suffix_first=spm)
+        c, = backend.infill(pre, suf, spm, n=1, temperature=0.0, top_p=1.0, max_new_tokens=5,
+                            seed=0)
+        prompt, ids, middle = format_infill(tok, pre, suf, suffix_first=spm), c.ids, c.text
+        # eval.py's own local path (with token healing off) writes the same ids
+        assert ev.infill_middle(backend.model, tok, task, "spm" if spm else "psm",
+                                max_new_tokens=5, heal=False)[:2] == (prompt, ids)
         # Code Llama's layouts (sec. 2.3), checked without our encoders: the ids at 1, 32007-32009
         # in PSM or SPM order, the prefix decoding to itself, the suffix's pieces spelling it
         # with no space added before it (test_tokenizer.py compares format_infill itself with
@@ -176,6 +180,28 @@ def test_a_model_without_infilling_tokens_is_refused(tmp_path, llama2_tokenizer)
                  "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--canonical runs no model"):
         ev.main(["infill", "--canonical", "--ckpt", str(tmp_path / "ckpt")])
+
+
+def test_server_text_is_the_same_pieces(smollm2_dir, tmp_path):
+    """prompts.infill_text, what a server that takes no token ids gets, is format_infill's pieces
+    joined: transformers' tokenizer (as `transformers serve` runs it) makes our ids of it for a
+    byte-level BPE with the infilling tokens added (SmolLM2's), PSM and SPM."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+    from prompts import infill_text
+    from tokenizer import extend_tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    extend_tokenizer(tmp_path / "tokenizer.json", tmp_path / "out" / "tokenizer.json")
+    tok = Tokenizer(tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for prefix, suffix in [("def f(x):\n    return ", "\n"), ("a = [1,", " 3]\n# <PRE> é\n"),
+                           ("", "x"), ("  y", "")]:
+        for spm in (False, True):
+            ids = format_infill(tok, prefix, suffix, suffix_first=spm)
+            text = infill_text(prefix, suffix, suffix_first=spm)
+            assert tok.decode(ids) == text
+            assert theirs(text).input_ids == ids, (prefix, suffix, spm)
 
 
 # ---------------------------------------------------------------------------------------------

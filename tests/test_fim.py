@@ -423,19 +423,12 @@ def test_train_infill_extends_a_llama2_model(llama2_tokenizer, tok, tmp_path):
         32007, 32008, 32009, 32010]
 
 
-def test_train_infill_extends_smollm2(smollm2_dir, tmp_path):
-    """--init SmolLM2 (byte-level BPE, 49,152 ids, tied embeddings): the run adds the four tokens
-    as special tokens 49152-49155, grows the embeddings, and exports a folder that transformers
-    loads with them and computes the same logits from."""
+def test_train_infill_extends_smollm2(smollm2_infill_run):
+    """--init SmolLM2 (byte-level BPE, 49,152 ids, tied embeddings): the run (conftest's) adds the
+    four tokens as special tokens 49152-49155, grows the embeddings, and exports a folder that
+    transformers loads with them and computes the same logits from."""
     transformers = pytest.importorskip("transformers")
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train_infill.py", "--init", str(smollm2_dir),
-                        "--data", str(STDLIB / "json"), "--out", str(out), "--steps", "1",
-                        "--seq-len", "128", "--batch-tokens", "256", "--micro-batch", "2",
-                        "--lr", "1e-3", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out, r = smollm2_infill_run
     assert "extended from 49,152 to 49,156 ids (added special tokens)" in r.stdout
     assert "embeddings grow from 49,152 to 49,156 rows" in r.stdout
     hf_dir = out / "hf"

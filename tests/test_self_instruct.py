@@ -634,6 +634,6 @@ def test_local_backend_batches_seeds_and_stops(smollm2):
     stop = full.text[3:5]
     cut = smollm2.complete(prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
                            stop=[stop], seed=0)[0]
-    assert cut == backends.Completion(full.text[:full.text.find(stop)], "stop")
+    assert (cut.text, cut.finish) == (full.text[:full.text.find(stop)], "stop")
     # the checkpoint's own end token ends a chat answer: <|im_end|> for SmolLM2-Instruct
     assert smollm2.tok.decode([smollm2.tok.eos_id]) == "<|im_end|>"
