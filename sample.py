@@ -244,8 +244,9 @@ def infill(args, model, tok):
 
 def served(args):
     """--backend hf or openai: --infill, or a completion of --prompt, through backends.py, printed
-    whole when it is done (no streaming). token_ids is null where a server returns only text,
-    and tokens_per_s then counts the prompt's processing too."""
+    whole when it is done (no streaming). Where a server returns only text, token_ids are that
+    text encoded by our tokenizer (--tokenizer; [] without one), and tokens_per_s counts the
+    prompt's processing too."""
     if args.instruct or not (args.infill or args.prompt is not None):
         raise SystemExit(f"error: --backend {args.backend} runs --infill or a --prompt "
                          "completion (--instruct runs on --backend local)")
@@ -264,8 +265,12 @@ def served(args):
         raise SystemExit(f"error: {e}") from None
     wall = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"completion": c.text, "token_ids": c.ids, "time_s": wall,
-                          "tokens_per_s": len(c.ids) / wall if c.ids else 0.0}))
+        ids = c.ids
+        if ids is None:  # a text-only server: the ids our tokenizer gives its text
+            ids = [] if backend.tok is None else (backend.tok.encode_infilling(c.text)
+                                                  if args.infill else backend.tok.encode(c.text))
+        print(json.dumps({"completion": c.text, "token_ids": ids, "time_s": wall,
+                          "tokens_per_s": len(ids) / wall}))
     else:
         print(f"{prefix}{c.text}{suffix}\n\n[{backend.name}: {wall:.1f} s, {c.finish}]")
 

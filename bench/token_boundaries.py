@@ -141,8 +141,10 @@ def main():
     p.add_argument("--cuts", type=int, default=20, help="FIM cuts per file")
     p.add_argument("--model-tasks", type=int, default=0,
                    help="single-line tasks for part 3 (SmolLM2 itself; 0: skip)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--out", type=Path, default=Path("runs/token-boundaries.json"))
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="longest middle generated in part 3 (the task's first line is scored)")
+    p.add_argument("--out", type=Path, default=Path("runs/token-boundaries.json"),
+                   help="JSON of every measurement")
     args = p.parse_args()
     import gguf_to_hf
     smollm2 = gguf_to_hf.cached_conversion()
