@@ -232,24 +232,25 @@ def _chunked_loss(hc, wc, targets, ignore_index, chunk_rows, grads):
     also their gradients, written into dh (N, D) and summed into dw (V, D, fp32)."""
     loss = torch.zeros((), dtype=torch.float32, device=hc.device)
     for s in range(0, hc.shape[0], chunk_rows):
-        y = targets[s:s + chunk_rows]
-        keep = y != ignore_index
-        rows, y = keep.nonzero().squeeze(1), y[keep]  # the targets with a loss
+        h, y = hc[s:s + chunk_rows], targets[s:s + chunk_rows]
+        keep = y != ignore_index  # (C,) the targets with a loss
+        y = y.masked_fill(~keep, 0)  # an ignored target points at id 0; its row is masked below
         # the output layer's logits, then log-softmax in fp32 as F.cross_entropy(logits.float())
         # computes it, in one pass that reads the bf16 logits (C, V)
-        logp = torch.log_softmax(hc[s:s + chunk_rows] @ wc.T, dim=-1, dtype=torch.float32)
-        picked = logp[rows, y]  # (n,)
-        loss -= picked.sum()
+        logp = torch.log_softmax(h @ wc.T, dim=-1, dtype=torch.float32)
+        picked = logp.gather(1, y[:, None]).squeeze(1)  # (C,)
+        loss -= torch.where(keep, picked, 0).sum()
         if grads is None:
             continue
-        # softmax - one-hot, rounded to hc's dtype as autocast's backward casts it; the target
-        # entries, p - 1, computed in fp32 and rounded once
-        g = torch.exp(logp, out=torch.empty(logp.shape, dtype=hc.dtype, device=hc.device))
-        g[rows, y] = (picked.exp() - 1).to(hc.dtype)
-        if len(rows) < len(keep):
-            g[~keep] = 0
-        torch.mm(g, wc, out=grads[0][s:s + chunk_rows])  # (C, D)
-        grads[1].add_(g.T @ hc[s:s + chunk_rows])  # (V, D), summed in fp32
+        # softmax - one-hot, rounded to h's dtype as autocast's backward casts the logits'
+        # gradient; the target entries, p - 1, computed in fp32 and rounded once. Rows of ignored
+        # targets are zeroed in h (for the weight's gradient) and in h's gradient: (C, D), not
+        # (C, V); and no data-dependent shapes, so a GPU never waits on the host here.
+        g = torch.exp(logp, out=torch.empty(logp.shape, dtype=h.dtype, device=h.device))
+        g.scatter_(1, y[:, None], (picked.exp() - 1).to(h.dtype)[:, None])
+        mask = keep[:, None].to(h.dtype)
+        torch.mm(g, wc, out=grads[0][s:s + chunk_rows]).mul_(mask)  # (C, D)
+        grads[1].add_(g.T @ (h * mask))  # (V, D), summed in fp32
     return loss, grads
 
 
