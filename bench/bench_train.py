@@ -98,7 +98,7 @@ def build_side(side: str, flags: list, d):
     fpt = train.flops_per_token(model.args, args.seq_len)
     if side == "main":
         model = PlainLoss(model)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16)
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     return lambda k: train.train_step(k, model, opt, batches, args, d, autocast)[1], fpt
 
 
@@ -120,18 +120,21 @@ def step_worker(side: str, flags: list, threads: int, conn):
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
 
 
-def peak_matmul_rate() -> float:
-    """The best bf16 FLOP/s of a few matmuls of this model's shapes and a square one (AMX: the
-    (tokens x 576) @ (576 x 1536) of SmolLM2's FFN is about the fastest)."""
-    best = 0.0
+def peak_matmul_rate() -> tuple:
+    """The best bf16 FLOP/s, per second of wall time and per CPU-second, of a few matmuls of this
+    model's shapes and a square one (AMX: the (tokens x 576) @ (576 x 1536) of SmolLM2's FFN is
+    about the fastest)."""
+    best = (0.0, 0.0)
     for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (2048, 2048, 2048)):
         a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
         for _ in range(2):
             a @ b
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for _ in range(10):
             a @ b
-        best = max(best, 2 * m * k * n * 10 / (time.perf_counter() - t0))
+        flops = 2 * m * k * n * 10
+        best = max(best[0], flops / (time.perf_counter() - t0)), max(best[1],
+                                                                     flops / (cpu_seconds() - c0))
     return best
 
 
@@ -167,24 +170,25 @@ def bench_steps(args):
             print(f"round {r}: " + " | ".join(
                 f"{side} {args.batch_tokens / results[side][-1][0]:,.0f} tok/s, loss "
                 f"{results[side][-1][2]:.4f}" for side in args.sides)
-                + f" | matmul {rates[-1] / 1e9:,.0f} GFLOP/s | load {os.getloadavg()[0]:.2f}",
+                + f" | matmul {rates[-1][0] / 1e9:,.0f} GFLOP/s | load {os.getloadavg()[0]:.2f}",
                 flush=True)
         for proc, conn in workers.values():
             conn.send("stop")
             proc.join()
-    peak = statistics.median(rates[1:])
+    peak = [statistics.median(r[i] for r in rates[1:]) for i in (0, 1)]
     base = None
-    print(f"median over rounds 1-{args.rounds}; best bf16 matmul {peak / 1e9:,.0f} GFLOP/s "
-          f"({args.threads} threads), {fpt / 1e6:,.0f} MFLOP per token")
+    print(f"median over rounds 1-{args.rounds}; best bf16 matmul {peak[0] / 1e9:,.0f} GFLOP/s, "
+          f"{peak[1] / 1e9:,.0f} per CPU-s ({args.threads} thread(s)); {fpt / 1e6:,.0f} MFLOP "
+          "per token")
     for side in args.sides:
         rows = results[side][1:]
         wall = args.batch_tokens / statistics.median(w for w, _, _, _ in rows)
         cpu = args.batch_tokens / statistics.median(c for _, c, _, _ in rows)
         base = base or (wall, cpu)
         print(f"{side:>9}: {wall:7,.0f} tokens/s ({wall / base[0]:.2f}x) | {cpu:7,.0f} tokens "
-              f"per CPU-s ({cpu / base[1]:.2f}x) | {100 * fpt * wall / peak:4.1f}% of the matmul "
-              f"peak | peak RSS {max(m for _, _, _, m in rows):.2f} GB | first step "
-              f"{results[side][0][0]:.0f} s")
+              f"per CPU-s ({cpu / base[1]:.2f}x) | matmul peak: {100 * fpt * wall / peak[0]:4.1f}%"
+              f" of its wall rate, {100 * fpt * cpu / peak[1]:4.1f}% per CPU-s | peak RSS "
+              f"{max(m for _, _, _, m in rows):.2f} GB | first step {results[side][0][0]:.0f} s")
     print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
