@@ -203,7 +203,8 @@ class FeedForward(nn.Module):
 def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows: int | None = None):
     """sum_i cross_entropy(h[i] @ weight.T, targets[i]) over the targets other than ignore_index:
     the value and gradients of F.cross_entropy(F.linear(h, weight).float(), targets,
-    reduction="sum", ignore_index=ignore_index) under the same autocast, without ever holding the (N, V) logits.
+    ignore_index=ignore_index, reduction="sum") under the same autocast, without ever holding the
+    (N, V) logits.
 
     Over a 49k vocabulary the logits are the largest tensors of a small model's step: the plain
     path writes them in bf16, in fp32, as log-probabilities, then zeroes an fp32 gradient of that
@@ -213,7 +214,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows: int 
     weight's gradients (Liger Kernel's fused linear cross-entropy, Hsu et al. 2024): no second
     output matmul in backward. The matmuls run in autocast's dtype as the output layer would, the
     softmax in fp32; the weight's gradient sums the chunks in fp32 (the plain path rounds the
-    whole product to bf16 once), so the two agree to bf16 rounding (tests/test_train.py). Under
+    whole product to bf16 once), so the two agree to bf16 rounding (tests/test_model.py). Under
     no_grad (evaluation) only the loss is computed."""
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
