@@ -256,8 +256,9 @@ def test_the_engine_step_matches_the_logits_step_on_smollm2(smollm2_dir, tmp_pat
     """Issue 23: the engine's step (its loss by model.linear_cross_entropy, without the (B, T, V)
     logits) against the step before it (the model's fp32 logits, then F.cross_entropy:
     bench_train.PlainLoss), both through train.train_step, from SmolLM2-135M-Instruct on the same
-    FIM batches of the email package, whose padding is ignored targets: 2 optimizer steps of 6 x
-    256 tokens in one micro-batch (two chunks of the fused loss: 1,365 rows, then 171), LR 1e-4.
+    FIM batches of the email package cut into 30-line files (whole infilling examples, so padding:
+    41 ignored targets in step 1): 2 optimizer steps of 6 x 256 tokens in one micro-batch (two
+    chunks of the fused loss: 1,365 rows, then 171), LR 1e-4.
     In fp32 the losses agree to float rounding; under bf16 autocast to bf16 noise, which AdamW's
     first step (about lr times the sign of each gradient) carries into the second loss (measured:
     3e-7 at step 1, 2.6e-3 at step 2). A bug planted in the fused loss (the short last chunk
@@ -265,7 +266,12 @@ def test_the_engine_step_matches_the_logits_step_on_smollm2(smollm2_dir, tmp_pat
     report."""
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_train
-    flags = ["--init", str(smollm2_dir), "--data", str(STDLIB / "email"), "--data-cache",
+    (tmp_path / "pieces").mkdir()
+    for f in sorted((STDLIB / "email").glob("*.py")):
+        lines = f.read_text().splitlines(keepends=True)
+        for i in range(0, len(lines), 30):
+            (tmp_path / "pieces" / f"{f.stem}_{i}.py").write_text("".join(lines[i:i + 30]))
+    flags = ["--init", str(smollm2_dir), "--data", str(tmp_path / "pieces"), "--data-cache",
              str(tmp_path / "data"), "--steps", "10", "--seq-len", "256", "--batch-tokens",
              "1536", "--micro-batch", "6", "--lr", "1e-4", "--warmup", "1", "--eval-every", "0",
              "--dtype", dtype]
