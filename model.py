@@ -360,10 +360,10 @@ class Transformer(nn.Module):
                 last_only: bool = False, targets=None):
         """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only
         the last position, and (T, V) logits of a 16k prompt would take 2 GB). With `targets`
-        (B, T): the summed cross-entropy of the targets other than -100 (F.cross_entropy's
-        ignore_index) instead, computed
-        by linear_cross_entropy without the (B, T, V) logits (training; a method of its own would
-        miss FSDP2's hooks, which gather the output weight around `forward`)."""
+        (B, T): instead, the summed cross-entropy of the targets other than -100
+        (F.cross_entropy's ignore_index), by linear_cross_entropy, without the (B, T, V) logits
+        (training; a method of its own would miss FSDP2's hooks, which gather the output weight
+        around `forward`)."""
         T = tokens.shape[1]
         if torch.is_tensor(start_pos):  # (1,) position of a one-token step over a static cache
             cos, sin = self.rope(cache.max_len, tokens.device)
