@@ -259,11 +259,12 @@ def test_the_engine_step_matches_the_logits_step_on_smollm2(smollm2_dir, tmp_pat
     FIM batches of the email package cut into 30-line files (whole infilling examples, so padding:
     41 ignored targets in step 1): 2 optimizer steps of 6 x 256 tokens in one micro-batch (two
     chunks of the fused loss: 1,365 rows, then 171), LR 1e-4.
-    In fp32 the losses agree to float rounding; under bf16 autocast to bf16 noise, which AdamW's
-    first step (about lr times the sign of each gradient) carries into the second loss (measured:
-    3e-7 at step 1, 2.6e-3 at step 2). A bug planted in the fused loss (the short last chunk
-    dropped, ignored targets counted, or their rows' gradient kept) misses by more: see issue 23's
-    report."""
+    In fp32 the losses agree to float rounding (measured: 3e-7 at both steps); under bf16 autocast
+    to bf16 noise, which the update carries into the second loss (3e-7, then 4.5e-4; 2.6e-3 on
+    the unsplit email files). Planted in a copy of model.py, keeping the gradient of the rows of
+    ignored targets moved step 2's loss by 1.5e-2 (fp32); the unit test of linear_cross_entropy
+    (tests/test_model.py) catches that, a dropped last chunk, a target off by one and counted
+    ignored targets too."""
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_train
     (tmp_path / "pieces").mkdir()
