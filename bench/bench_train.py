@@ -20,10 +20,9 @@ that take turns step by step, so that other work on the machine slows them alike
 - `compiled`: the same with --compile (each block compiled by torch.compile).
 Each reports tokens/s (wall), tokens per CPU-second, the ratio to `main`, and the FLOP rate
 (train.flops_per_token) as a share of the best bf16 matmul rate measured between the rounds.
-The two sides read the same batches, so their losses should agree to bf16 rounding (printed).
+The sides read the same batches, so their losses should agree to bf16 rounding (printed).
 
-    python bench/bench_train.py --init SMOLLM2_DIR --seq-len 512 --batch-tokens 4096 \
-        --micro-batch 2 --rounds 4
+    python bench/bench_train.py --init SMOLLM2_DIR --rounds 6  # 8 x 512 tokens a step
 """
 
 import json
