@@ -200,6 +200,84 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows: int | None = None):
+    """sum_i cross_entropy(h[i] @ weight.T, targets[i]) over the targets other than ignore_index:
+    the value and gradients of F.cross_entropy(F.linear(h, weight).float(), targets,
+    ignore_index=ignore_index, reduction="sum") under the same autocast, without ever holding the
+    (N, V) logits.
+
+    Over a 49k vocabulary the logits are the largest tensors of a small model's step: the plain
+    path writes them in bf16, in fp32, as log-probabilities, then zeroes an fp32 gradient of that
+    size and writes two more in backward (~7 GB of memory traffic for 4,096 tokens of SmolLM2, a
+    tenth of a CPU step). Here they exist `chunk_rows` rows at a time, and the gradient of each
+    chunk, softmax - one-hot (the rows of ignored targets zero), goes at once into h's and the
+    weight's gradients (Liger Kernel's fused linear cross-entropy, Hsu et al. 2024): no second
+    output matmul in backward. The matmuls run in autocast's dtype as the output layer would, the
+    softmax in fp32; the weight's gradient sums the chunks in fp32 (the plain path rounds the
+    whole product to bf16 once), so the two agree to bf16 rounding (tests/test_model.py). Under
+    no_grad (evaluation) only the loss is computed."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    if chunk_rows is None:  # ~256 MB of fp32 logits per chunk: fewer chunks, fewer weight sums
+        chunk_rows = max(1, 2**26 // weight.shape[0])
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if not grad:
+        with torch.autocast(dev, enabled=False):
+            return _chunked_loss(h.to(dtype), weight.to(dtype), targets, ignore_index, chunk_rows,
+                                 None)[0]
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, dtype, chunk_rows)
+
+
+def _chunked_loss(hc, wc, targets, ignore_index, chunk_rows, grads):
+    """The loss of linear_cross_entropy in autocast's dtype `hc.dtype`; with `grads` = (dh, dw),
+    also their gradients, written into dh (N, D) and summed into dw (V, D, fp32)."""
+    loss = torch.zeros((), dtype=torch.float32, device=hc.device)
+    for s in range(0, hc.shape[0], chunk_rows):
+        h, y = hc[s:s + chunk_rows], targets[s:s + chunk_rows]
+        keep = y != ignore_index  # (C,) the targets with a loss
+        y = y.masked_fill(~keep, 0)  # an ignored target points at id 0; its row is masked below
+        # the output layer's logits, then log-softmax in fp32 as F.cross_entropy(logits.float())
+        # computes it, in one pass that reads the bf16 logits (C, V)
+        logp = torch.log_softmax(h @ wc.T, dim=-1, dtype=torch.float32)
+        picked = logp.gather(1, y[:, None]).squeeze(1)  # (C,)
+        loss -= torch.where(keep, picked, 0).sum()
+        if grads is None:
+            continue
+        # softmax - one-hot, rounded to h's dtype as autocast's backward casts the logits'
+        # gradient; the target entries, p - 1, computed in fp32 and rounded once. Rows of ignored
+        # targets are zeroed in h (for the weight's gradient) and in h's gradient: (C, D), not
+        # (C, V); and no data-dependent shapes, so a GPU never waits on the host here.
+        g = torch.exp(logp, out=torch.empty(logp.shape, dtype=h.dtype, device=h.device))
+        g.scatter_(1, y[:, None], (picked.exp() - 1).to(h.dtype)[:, None])
+        mask = keep[:, None].to(h.dtype)
+        torch.mm(g, wc, out=grads[0][s:s + chunk_rows]).mul_(mask)  # (C, D)
+        grads[1].add_(g.T @ (h * mask))  # (V, D), summed in fp32
+    return loss, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with gradients: they are computed in forward (the loss's gradient is
+    one scalar, applied in backward), which is how the logits need never be recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, dtype, chunk_rows):
+        with torch.autocast(h.device.type, enabled=False):
+            hc = h.to(dtype)
+            grads = (torch.empty_like(hc), torch.zeros(weight.shape, dtype=torch.float32,
+                                                       device=weight.device))
+            loss, (dh, dw) = _chunked_loss(hc, weight.to(dtype), targets, ignore_index,
+                                            chunk_rows, grads)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = h.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        return (dh.to(ctx.dtypes[0]) * grad_loss, dw.to(ctx.dtypes[1]) * grad_loss,
+                None, None, None, None)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -279,9 +357,13 @@ class Transformer(nn.Module):
         return self._rope[2], self._rope[3]
 
     def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False):
+                last_only: bool = False, targets=None):
         """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only
-        the last position, and (T, V) logits of a 16k prompt would take 2 GB)."""
+        the last position, and (T, V) logits of a 16k prompt would take 2 GB). With `targets`
+        (B, T): instead, the summed cross-entropy of the targets other than -100
+        (F.cross_entropy's ignore_index), by linear_cross_entropy, without the (B, T, V) logits
+        (training; a method of its own would miss FSDP2's hooks, which gather the output weight
+        around `forward`)."""
         T = tokens.shape[1]
         if torch.is_tensor(start_pos):  # (1,) position of a one-token step over a static cache
             cos, sin = self.rope(cache.max_len, tokens.device)
@@ -294,6 +376,9 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, cache, start_pos)
         if last_only:
             h = h[:, -1:]
+        if targets is not None:
+            return linear_cross_entropy(self.norm(h).flatten(0, 1), self.output.weight,
+                                        targets.flatten())
         return self.output(self.norm(h)).float()
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, apply_rope, rope_tables
+from model import ModelArgs, Transformer, apply_rope, linear_cross_entropy, rope_tables
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,6 +151,41 @@ def test_a_model_that_sampled_can_still_train():
     tokens = torch.randint(0, m.args.vocab_size, (2, 16), generator=gen(3))
     m(tokens).sum().backward()  # inference tensors saved for backward would raise here
     assert m.layers[0].attention.wq.weight.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_the_logits_path(autocast):
+    """model.linear_cross_entropy, chunk by chunk, against the full (N, V) logits and
+    F.cross_entropy (sum, ignore_index -100) under the same autocast: the loss and the gradients
+    of the hidden states and of the weight. Chunks of 7 rows over 40 (the last one short), ignored
+    targets inside a chunk and a chunk of ignored targets only; without gradients (evaluation)
+    the same loss. In fp32 they agree to float rounding, under bf16 autocast to bf16 rounding of
+    the logits' gradient (the fused path sums the weight's gradient over chunks in fp32)."""
+    g = gen(0)
+    h = torch.randn(40, 32, generator=g).requires_grad_()
+    w = (0.3 * torch.randn(301, 32, generator=g)).requires_grad_()
+    y = torch.randint(0, 301, (40,), generator=g)
+    y[[3, 5, 17]] = -100
+    y[28:35] = -100  # the 5th chunk, rows 28-34, has no target
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    results = []
+    for fused in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = linear_cross_entropy(h, w, y, chunk_rows=7)
+            else:
+                loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(),
+                                                         y, reduction="sum")
+        (0.37 * loss).backward()  # a scale, as the engine's 1 / targets
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, dh, dw), (fused_loss, fused_dh, fused_dw) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-3 if autocast else 1e-6, atol=0)
+    torch.testing.assert_close(fused_dh, dh, **tol)
+    torch.testing.assert_close(fused_dw, dw, **tol)
+    assert fused_dh[y == -100].abs().max() == 0  # no gradient from an ignored target
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        assert linear_cross_entropy(h, w, y, chunk_rows=7) == fused_loss
 
 
 def test_rope_depends_only_on_relative_position():

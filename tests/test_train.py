@@ -306,6 +306,43 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-4), ("bf16", 5e-3)])
+def test_the_engine_step_matches_the_logits_step_on_smollm2(smollm2_dir, tmp_path, dtype,
+                                                            tolerance):
+    """Issue 23: the engine's step (its loss by model.linear_cross_entropy, without the (B, T, V)
+    logits) against the step before it (the model's fp32 logits, then F.cross_entropy:
+    bench_train.PlainLoss), both through train.train_step, from SmolLM2-135M-Instruct on the same
+    FIM batches of the email package cut into 30-line files (whole infilling examples, so padding:
+    41 ignored targets in step 1): 2 optimizer steps of 6 x 256 tokens in one micro-batch (two
+    chunks of the fused loss: 1,365 rows, then 171), LR 1e-4.
+    In fp32 the losses agree to float rounding (measured: 3e-7 at both steps); under bf16 autocast
+    to bf16 noise, which the update carries into the second loss (3e-7, then 4.5e-4; 2.6e-3 on
+    the unsplit email files). Planted in a copy of model.py, keeping the gradient of the rows of
+    ignored targets moved step 2's loss by 1.5e-2 (fp32); the unit test of linear_cross_entropy
+    (tests/test_model.py) catches that, a dropped last chunk, a target off by one and counted
+    ignored targets too."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_train
+    (tmp_path / "pieces").mkdir()
+    for f in sorted((STDLIB / "email").glob("*.py")):
+        lines = f.read_text().splitlines(keepends=True)
+        for i in range(0, len(lines), 30):
+            (tmp_path / "pieces" / f"{f.stem}_{i}.py").write_text("".join(lines[i:i + 30]))
+    flags = ["--init", str(smollm2_dir), "--data", str(tmp_path / "pieces"), "--data-cache",
+             str(tmp_path / "data"), "--steps", "10", "--seq-len", "256", "--batch-tokens",
+             "1536", "--micro-batch", "6", "--lr", "1e-4", "--warmup", "1", "--eval-every", "0",
+             "--dtype", dtype]
+    d = train.Dist(0, 1, torch.device("cpu"), None)
+    losses = {}
+    for side in ("main", "engine"):
+        step, _ = bench_train.build_side(side, flags + ["--out", str(tmp_path / side)], d)
+        losses[side] = [step(k) for k in (1, 2)]
+    print(losses)
+    assert losses["main"][1] != losses["main"][0]  # the first update moved the model
+    for a, b in zip(losses["main"], losses["engine"]):
+        assert abs(a - b) < tolerance, losses
+
+
 def test_checkpoint_files_reach_the_disk_before_the_rename(flags, data, tmp_path, monkeypatch):
     """Every file of a checkpoint is fsynced before the folder is renamed into place, and the
     rename itself (its parent folder) after: a power cut cannot leave a checkpoint that looks
