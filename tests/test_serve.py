@@ -244,7 +244,7 @@ def served_infill(folder, local, url, model, out, capsys):
         rows.append(sample_json(capsys, *flags, *parts))
         want = sample_json(capsys, "--ckpt", str(folder), *parts)
         assert rows[-1]["completion"] == want["completion"]
-        assert isinstance(rows[-1]["token_ids"], list)  # INTERFACES: a list, whatever the server
+        assert isinstance(rows[-1]["token_ids"], list)  # a list, whatever the server returns
     return theirs[1], err, rows
 
 
