@@ -149,6 +149,11 @@ def test_requeue_resumes_and_keeps_both_logs(cluster, one_node, flags, data,  # 
     while state(cluster, job) != "PENDING":
         assert time.time() < deadline, "the requeued job never became pending"
         time.sleep(0.2)
+    # and the node idle again: released while the first attempt's processes still wind down
+    # (node COMPLETING), the second attempt's launch can fail and the job end FAILED
+    while slurm(cluster, "sinfo", "-h", "-N", "-o", "%T").split() != ["idle"]:
+        assert time.time() < deadline, "the node never became idle after the requeue"
+        time.sleep(0.2)
     slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
     assert wait(cluster, job) == "COMPLETED", log_of(tmp_path, job)[-3000:]
     text = log_of(tmp_path, job)
