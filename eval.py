@@ -40,7 +40,7 @@ from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHAR
                   read_unit)
 from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 from model import DTYPES
-from prompts import format_infill, infill_decoder
+from prompts import format_infill, infill_decoder, infill_stop_ids
 from sample import generate, load
 from tokenizer import Tokenizer
 
@@ -489,7 +489,7 @@ def infill_middle(model, tok, task, mode, max_new_tokens, heal=True, lines=0):
     and with `lines` once the middle holds that many line ends (the prefix alone gives no end to
     stop at: the middle is then its first `lines` lines)."""
     prompt, healed = infill_prompt(tok, task["prefix"], task["suffix"], mode, heal)
-    stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None}
+    stop_ids = infill_stop_ids(tok)
     decode = infill_decoder(tok, task["prefix"], mode != "psm", healed)
     stop = (lambda row, ids: decode(ids).count("\n") >= lines) if lines else None
     ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids, stop=stop,
