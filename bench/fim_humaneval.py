@@ -98,7 +98,7 @@ def train_cmd(args, rate, out, steps):
             "--batch-tokens", str(args.batch_tokens), "--micro-batch", str(args.micro_batch),
             "--lr", str(args.lr), "--warmup", str(args.warmup), "--ckpt-every", str(every),
             "--keep-ckpts", str(args.curve), "--eval-every", "0", "--dtype", "bf16",
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed)] + ["--compile"] * args.compile
 
 
 def train(args, name, rate, steps):
@@ -276,6 +276,8 @@ def main():
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="data order and the task subsets")
+    p.add_argument("--compile", action="store_true",
+                   help="train with torch.compile (train.py --compile: ~1.2x on 2 cores)")
     p.add_argument("--curve", type=int, default=4,
                    help="points of the FIM run's learning curve, step 0 and the last included")
     p.add_argument("--plain", action="store_true",
