@@ -17,7 +17,6 @@ unbiased estimator below.
 """
 import argparse
 import ast
-import functools
 import itertools
 import json
 import math
@@ -40,7 +39,9 @@ from data import (EXTENSIONS, MAX_FILE_BYTES, MAX_LINE_CHARS, MAX_MEAN_LINE_CHAR
                   read_unit)
 from execution import IsolationUnavailable, add_isolation_flags, check_programs, sandbox
 from model import DTYPES
-from prompts import format_infill, infill_decoder, infill_stop_ids
+# INFILL_MODES and heal_constraint: eval.py's names too (bench scripts and tests use them)
+from prompts import (INFILL_MODES, format_infill, heal_constraint, infill_decoder,  # noqa: F401
+                     infill_prompt, infill_stop_ids)
 from sample import generate, load
 from tokenizer import Tokenizer
 
@@ -392,43 +393,6 @@ def subset(items, limit, seed):
     return [items[i] for i in keep]
 
 
-# The prompt modes: Code Llama's two layouts, and the prefix alone continued left to right ("l2r"),
-# what a model without FIM can do: the baseline an infilling model must beat on the same tasks.
-INFILL_MODES = ("psm", "spm", "l2r")
-
-
-def infill_prompt(tok, prefix, suffix, mode, heal=True):
-    """(prompt ids, the ids token healing backed up) of one task in one mode: psm and spm are
-    format_infill's layouts, l2r is tok.start_ids + enc(prefix) (one BOS rule for all three).
-
-    Token healing (Code Llama App. E: use SPM "together with token healing"; the name is Microsoft
-    Guidance's). In SPM and l2r the middle continues the prefix's tokens, and SPM trains on prefix
-    and middle encoded as one text (sec. 2.3), as plain text is. A byte-level BPE (SmolLM2's) joins
-    a line end to the next line's indentation ("\n" + 7 spaces is one token), so the prefix of a
-    HumanEval line task, encoded alone, ends in a lone "\n" that training text never puts before
-    an indented line (README: measured). With `heal`, the prompt's last prefix id is backed up
-    (with the whitespace ids before it, when it is whitespace: the pre-tokenizer keeps a run of
-    whitespace in one piece, so a blank line's spaces join the next indentation too) and the first
-    ids generated must spell their bytes (heal_constraint): the model writes the boundary token as
-    training text has it. PSM needs none: its middle is encoded alone in training as at
-    inference (FIM on characters, each part with the tokenizer's own boundaries, as SantaCoder and
-    StarCoder train), and training cuts at random characters end prefixes in any token."""
-    if mode == "psm":
-        return format_infill(tok, prefix, suffix), []
-    if mode == "spm":
-        prompt = format_infill(tok, prefix, suffix, suffix_first=True)
-    elif mode == "l2r":
-        prompt = tok.start_ids + tok.encode(prefix)
-    else:
-        raise ValueError(f"unknown infilling mode {mode!r}; choose from {', '.join(INFILL_MODES)}")
-    n = len(tok.encode(prefix)) if heal else 0
-    k = min(n, 1)
-    while k < n and tok.token_bytes(prompt[-k]).isspace() and \
-            tok.token_bytes(prompt[-k - 1]).isspace():
-        k += 1
-    return prompt[:len(prompt) - k], prompt[len(prompt) - k:]
-
-
 def infill_target(tok, task, mode, healed=()):
     """The ids a model should write after infill_prompt's prompt to give the true middle: PSM, the
     middle encoded alone (encode_infilling, as in training); SPM and l2r, what the middle adds to
@@ -461,26 +425,6 @@ def mcnemar(hits_a, hits_b):
     n = only_a + only_b
     tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
     return only_a, only_b, min(1.0, 2 * tail)
-
-
-@functools.lru_cache(maxsize=64)
-def extending_ids(tok, left):
-    """The ids whose bytes begin with `left`, or are a beginning of it (token healing)."""
-    return [i for i in range(tok.vocab_size)
-            if (b := tok.token_bytes(i)) and (b.startswith(left) or left.startswith(b))]
-
-
-def heal_constraint(tok, healed):
-    """sample.generate's `allowed` after a healed prompt: until the ids written spell the healed
-    ids' bytes, only ids that go on spelling them (or spell them and more); then any."""
-    if not healed:
-        return None
-    tail = b"".join(tok.token_bytes(i) for i in healed)
-
-    def allowed(row, ids):
-        done = b"".join(tok.token_bytes(i) for i in ids[:len(tail)])
-        return extending_ids(tok, tail[len(done):]) if len(done) < len(tail) else None
-    return allowed
 
 
 def infill_middle(model, tok, task, mode, max_new_tokens, heal=True, lines=0):

@@ -10,6 +10,8 @@ the same pieces joined.
     ids = format_chat(tok, [{"role": "user", "content": "Reverse a list."}])
     text = chat_text([{"role": "user", "content": "Reverse a list."}], "llama2")
 """
+import functools
+
 from tokenizer import INFILL_PIECES
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -68,11 +70,68 @@ def infill_text(prefix, suffix, suffix_first=False):
                    for p in infill_pieces(prefix, suffix, suffix_first))
 
 
+# The prompt modes: Code Llama's two layouts, and the prefix alone continued left to right ("l2r"),
+# what a model without FIM can do: the baseline an infilling model must beat on the same tasks.
+INFILL_MODES = ("psm", "spm", "l2r")
+
+
+def infill_prompt(tok, prefix, suffix, mode, heal=True):
+    """(prompt ids, the ids token healing backed up) of one task in one mode: psm and spm are
+    format_infill's layouts, l2r is tok.start_ids + enc(prefix) (one BOS rule for all three).
+
+    Token healing (Code Llama App. E: use SPM "together with token healing"; the name is Microsoft
+    Guidance's). In SPM and l2r the middle continues the prefix's tokens, and SPM trains on prefix
+    and middle encoded as one text (sec. 2.3), as plain text is. A byte-level BPE (SmolLM2's) joins
+    a line end to the next line's indentation ("\n" + 7 spaces is one token), so the prefix of a
+    HumanEval line task, encoded alone, ends in a lone "\n" that training text never puts before
+    an indented line (README: measured). With `heal`, the prompt's last prefix id is backed up
+    (with the whitespace ids before it, when it is whitespace: the pre-tokenizer keeps a run of
+    whitespace in one piece, so a blank line's spaces join the next indentation too) and the first
+    ids generated must spell their bytes (heal_constraint): the model writes the boundary token as
+    training text has it. PSM needs none: its middle is encoded alone in training as at
+    inference (FIM on characters, each part with the tokenizer's own boundaries, as SantaCoder and
+    StarCoder train), and training cuts at random characters end prefixes in any token."""
+    if mode == "psm":
+        return format_infill(tok, prefix, suffix), []
+    if mode == "spm":
+        prompt = format_infill(tok, prefix, suffix, suffix_first=True)
+    elif mode == "l2r":
+        prompt = tok.start_ids + tok.encode(prefix)
+    else:
+        raise ValueError(f"unknown infilling mode {mode!r}; choose from {', '.join(INFILL_MODES)}")
+    n = len(tok.encode(prefix)) if heal else 0
+    k = min(n, 1)
+    while k < n and tok.token_bytes(prompt[-k]).isspace() and \
+            tok.token_bytes(prompt[-k - 1]).isspace():
+        k += 1
+    return prompt[:len(prompt) - k], prompt[len(prompt) - k:]
+
+
+@functools.lru_cache(maxsize=64)
+def extending_ids(tok, left):
+    """The ids whose bytes begin with `left`, or are a beginning of it (token healing)."""
+    return [i for i in range(tok.vocab_size)
+            if (b := tok.token_bytes(i)) and (b.startswith(left) or left.startswith(b))]
+
+
+def heal_constraint(tok, healed):
+    """sample.generate's `allowed` after a healed prompt: until the ids written spell the healed
+    ids' bytes, only ids that go on spelling them (or spell them and more); then any."""
+    if not healed:
+        return None
+    tail = b"".join(tok.token_bytes(i) for i in healed)
+
+    def allowed(row, ids):
+        done = b"".join(tok.token_bytes(i) for i in ids[:len(tail)])
+        return extending_ids(tok, tail[len(done):]) if len(done) < len(tail) else None
+    return allowed
+
+
 def infill_decoder(tok, prefix, suffix_first, healed=()):
     """ids of a generated middle -> its text, as Code Llama decodes it. PSM: the middle was learnt
     without SentencePiece's implicit leading space (sec. 2.3), so decode_infilling. SPM (and the
     prefix alone): generation continues the prefix tokens, so the middle is what its ids add to
-    the prefix; after token healing (eval.infill_prompt), what they add to the prefix without its
+    the prefix; after token healing (infill_prompt), what they add to the prefix without its
     `healed` ids, less those ids' text."""
     if not suffix_first:
         return tok.decode_infilling

@@ -16,6 +16,7 @@ HumanEval) and eval.py.
         --model codellama/CodeLlama-7b-hf --tokenizer CodeLlama-7b-hf/ --greedy   # a vLLM server
 """
 
+import argparse
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 import backends
 from common import script_parser
 from model import DTYPES, Transformer
-from prompts import (RESERVED_TAGS, format_dialog, format_infill, infill_decoder,
+from prompts import (RESERVED_TAGS, format_dialog, heal_constraint, infill_decoder, infill_prompt,
                      infill_stop_ids)
 from tokenizer import Tokenizer
 
@@ -47,7 +48,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after
     every step with row 0's ids so far, for streaming. `compile` runs the one-token steps through
     `compiled_step` (the prefill stays eager). `allowed(row, ids)` returns the ids the row may write
-    next, or None for any (token healing: eval.heal_constraint). Returns a list of n lists of
+    next, or None for any (token healing: prompts.heal_constraint). Returns a list of n lists of
     generated ids.
     """
     device = model.tok_embeddings.weight.device
@@ -156,8 +157,10 @@ class Streamer:
         sys.stdout.flush()
 
 
-def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="", after=""):
-    """Generate for one prompt; stream or print JSON. Returns the completion text."""
+def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="", after="",
+            allowed=None):
+    """Generate for one prompt; stream or print JSON. Returns the completion text. `allowed`:
+    generate's constraint on the next ids (token healing)."""
     gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(args.seed)
     streamer = Streamer(decode, not args.json, color)
     if not args.json:
@@ -172,7 +175,7 @@ def run_one(args, model, tok, prompt_ids, decode, stop_ids, color="", before="",
 
     ids = generate(model, prompt_ids, args.max_new_tokens, 0.0 if args.greedy else args.temperature,
                    args.top_p, stop_ids=stop_ids, generator=gen, on_token=on_token,
-                   compile=args.compile)[0]
+                   compile=args.compile, allowed=allowed)[0]
     t1 = time.perf_counter()
     steps = max(len(ids) - 1, 0)
     tps = steps / (t1 - first[0]) if first and steps else 0.0
@@ -208,6 +211,9 @@ def parser():
     p.add_argument("--prefix", help="text before the hole (--infill)")
     p.add_argument("--suffix", help="text after the hole (--infill)")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle layout (--infill)")
+    p.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=True,
+                   help="--infill --spm on --backend local: back up the prompt's last prefix "
+                   "token and let the model rewrite it (Code Llama App. E; eval.py does the same)")
     p.add_argument("--instruct", action="store_true",
                    help="chat (sec. 2.5) in the tokenizer's layout: Llama 2's, ChatML for SmolLM2")
     p.add_argument("--system", help="system prompt (--instruct)")
@@ -233,13 +239,15 @@ def infill_parts(args):
 def infill(args, model, tok):
     """--infill: the middle between a prefix and a suffix, in the PSM or SPM layout (sec. 2.3)."""
     prefix, suffix = infill_parts(args)
-    try:
-        prompt_ids = format_infill(tok, prefix, suffix, suffix_first=args.spm)
+    try:  # SPM token-healed: its middle continues the prefix's tokens (prompts.infill_prompt)
+        prompt_ids, healed = infill_prompt(tok, prefix, suffix, "spm" if args.spm else "psm",
+                                           args.token_healing)
     except ValueError as e:
         raise SystemExit(f"error: {args.ckpt}: {e}")
     color = "\033[1;32m" if sys.stdout.isatty() else ""
-    run_one(args, model, tok, prompt_ids, infill_decoder(tok, prefix, args.spm),
-            infill_stop_ids(tok), color, before=prefix, after=suffix)
+    run_one(args, model, tok, prompt_ids, infill_decoder(tok, prefix, args.spm, healed),
+            infill_stop_ids(tok), color, before=prefix, after=suffix,
+            allowed=heal_constraint(tok, healed))
 
 
 def served(args):

@@ -720,4 +720,8 @@ def run_training(args, setup, stream_flags, progress):
         shutil.rmtree(out / ".hf-old", ignore_errors=True)
         d.print(f"exported {out / 'hf'}")
     if d.world > 1:
+        # every rank leaves together, once rank 0's export is on disk: a rank that tore its
+        # process group down while rank 0 still wrote the export aborted at exit now and then
+        # (gloo: "terminate called without an active exception"), failing a finished job
+        d.barrier()
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ from conftest import ROOT, STDLIB
 import sample
 from data import IGNORE, Batches, Corpus, Document, LoaderWorkers, bos_eos, prepare
 from model import ModelArgs, Transformer
-from prompts import format_infill
+from prompts import format_infill, infill_prompt
 from tokenizer import Tokenizer
 from train_infill import fim, fim_example
 
@@ -480,14 +480,26 @@ def run_sample(capsys, *argv):
     return capsys.readouterr().out
 
 
-def test_sample_infill_stops_at_eot_and_prints_prefix_middle_suffix(echo_ckpt, capsys):
+def test_sample_infill_stops_at_eot_and_prints_prefix_middle_suffix(echo_ckpt, tok, capsys):
     ckpt = ["--ckpt", str(echo_ckpt), "--greedy", "--max-new-tokens", "20"]
-    for spm in ([], ["--spm"]):
+    x, = tok.encode_infilling("X")
+    for spm in ([], ["--spm", "--no-token-healing"], ["--spm"]):
         rows = [json.loads(run_sample(capsys, *ckpt, "--infill", "--json", *spm, *how))
                 for how in (["--prefix", "def f():\n    return ", "--suffix", "\n"],
                             ["--prompt", "def f():\n    return <FILL>\n"])]
         assert rows[0]["completion"] == rows[1]["completion"] == "X"  # stopped at <EOT>
-        assert rows[0]["token_ids"] == rows[1]["token_ids"] and len(rows[0]["token_ids"]) == 1
+        assert rows[0]["token_ids"] == rows[1]["token_ids"]
+        if spm != ["--spm"]:
+            assert rows[0]["token_ids"] == [x]
+            continue
+        # token-healed (prompts.infill_prompt): the prompt lacks the prefix's last id, which the
+        # model writes again (constrained to its bytes) before the middle; the middle text
+        # leaves it out
+        prompt, healed = infill_prompt(tok, "def f():\n    return ", "\n", "spm")
+        assert healed and rows[0]["prompt_tokens"] == len(prompt)
+        ids = rows[0]["token_ids"]
+        assert ids[-1] == x and b"".join(map(tok.token_bytes, ids[:-1])) == \
+            b"".join(map(tok.token_bytes, healed))
     text = run_sample(capsys, *ckpt, "--infill", "--prefix", "a = ", "--suffix", "\nb = 1\n")
     assert text.startswith("a = X\nb = 1\n\n\n[1 tokens")  # no colour codes off a terminal
     demo = run_sample(capsys, *ckpt, "--infill")

@@ -242,7 +242,7 @@ def served_infill(folder, local, url, model, out, capsys):
     for spm in ([], ["--spm"]):
         parts = ["--prefix", task["prefix"], "--suffix", task["suffix"], *spm]
         rows.append(sample_json(capsys, *flags, *parts))
-        want = sample_json(capsys, "--ckpt", str(folder), *parts)
+        want = sample_json(capsys, "--ckpt", str(folder), *parts, "--no-token-healing")
         assert rows[-1]["completion"] == want["completion"]
         assert isinstance(rows[-1]["token_ids"], list)  # a list, whatever the server returns
     return theirs[1], err, rows
