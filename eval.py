@@ -432,16 +432,37 @@ def infill_middle(model, tok, task, mode, max_new_tokens, heal=True, lines=0):
     middle text). Generation ends at <EOT> (the model learnt to stop there, FIM sec. 3) or EOS,
     and with `lines` once the middle holds that many line ends (the prefix alone gives no end to
     stop at: the middle is then its first `lines` lines)."""
-    prompt, healed = infill_prompt(tok, task["prefix"], task["suffix"], mode, heal)
-    stop_ids = infill_stop_ids(tok)
-    decode = infill_decoder(tok, task["prefix"], mode != "psm", healed)
-    stop = (lambda row, ids: decode(ids).count("\n") >= lines) if lines else None
-    ids = generate(model, prompt, max_new_tokens, temperature=0.0, stop_ids=stop_ids, stop=stop,
-                   allowed=heal_constraint(tok, healed))[0]
-    middle = decode(ids)
-    if lines:
-        middle = "".join(middle.splitlines(keepends=True)[:lines])
-    return prompt, ids, middle
+    return infill_middles(model, tok, [task], mode, max_new_tokens, heal, [lines])[0]
+
+
+def infill_middles(model, tok, tasks, mode, max_new_tokens, heal=True, lines=None, batch=8):
+    """infill_middle of many tasks, `batch` prompts decoded together (left-padded, nearest
+    lengths side by side); `lines`, one count per task (None: 0 for all)."""
+    lines = lines or [0] * len(tasks)
+    jobs = []
+    for task, n in zip(tasks, lines):
+        prompt, healed = infill_prompt(tok, task["prefix"], task["suffix"], mode, heal)
+        jobs.append((prompt, infill_decoder(tok, task["prefix"], mode != "psm", healed),
+                     heal_constraint(tok, healed), n))
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][0]))
+    out = [None] * len(jobs)
+    for at in range(0, len(order), batch):
+        rows = [jobs[i] for i in order[at:at + batch]]
+
+        def stop(row, ids, rows=rows):
+            return rows[row][3] > 0 and rows[row][1](ids).count("\n") >= rows[row][3]
+
+        def allowed(row, ids, rows=rows):
+            return rows[row][2](row, ids) if rows[row][2] else None
+        ids = generate(model, [r[0] for r in rows], max_new_tokens, temperature=0.0,
+                       stop_ids=infill_stop_ids(tok), stop=stop,
+                       allowed=allowed if any(r[2] for r in rows) else None)
+        for i, (prompt, decode, _, n), got in zip(order[at:at + batch], rows, ids):
+            middle = decode(got)
+            if n:
+                middle = "".join(middle.splitlines(keepends=True)[:n])
+            out[i] = (prompt, got, middle)
+    return out
 
 
 @torch.no_grad()

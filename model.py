@@ -152,7 +152,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -162,20 +162,23 @@ class Attention(nn.Module):
             y = gqa_attention(q, k, v, causal=True)
         else:
             k, v = cache.update(layer, start_pos, k, v)  # (B, Hkv, start_pos + T, D)
-            y = gqa_attention(q, k, v, causal=T > 1, offset=start_pos)
+            y = gqa_attention(q, k, v, causal=T > 1, offset=start_pos, mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D)
 
 
-def gqa_attention(q, k, v, causal: bool, offset: int = 0):
+def gqa_attention(q, k, v, causal: bool, offset: int = 0, mask=None):
     """Grouped-query attention: each of the Hkv key/value heads serves H/Hkv query heads (MHA when
     Hkv == H, MQA when Hkv == 1). q: (B, H, T, D); k, v: (B, Hkv, S, D) with S = offset + T.
 
     SDPA shares kv heads itself (enable_gqa) instead of us copying k/v H/Hkv times, and its fused
     kernels never build the (T, S) score matrix in the causal case, which is what lets 16k-token
     training fit (FSDP shards weights, not activations). Only a cached prefix followed by several
-    new tokens (offset > 0) needs an explicit mask: query t sees keys up to offset + t.
+    new tokens (offset > 0) needs an explicit mask: query t sees keys up to offset + t. A `mask`
+    given (B, 1, T, S) is used as it is (left-padded prompts decoded together: padding_mask).
     """
     gqa = k.shape[1] != q.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if torch.is_tensor(offset):  # one new token at a tensor position, over a whole static cache
         mask = (torch.arange(k.shape[2], device=q.device) <= offset)[None, :]  # (1, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -187,6 +190,17 @@ def gqa_attention(q, k, v, causal: bool, offset: int = 0):
     mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + T,
                                                                      device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+
+
+def padding_mask(pad, offset: int, T: int):
+    """(B, 1, T, offset + T) attention mask of T new tokens of left-padded rows: query t (at
+    offset + t) sees the keys up to itself that are not padding, row b's first pad[b]. A padding
+    query sees itself alone: a row of nothing to attend to would give NaN, which the masked
+    weights (0 x NaN) would carry into the real rows."""
+    keys = torch.arange(offset + T, device=pad.device)
+    queries = torch.arange(offset, offset + T, device=pad.device)[:, None]
+    mask = (keys <= queries) & ((keys >= pad[:, None, None]) | (keys == queries))
+    return mask[:, None]
 
 
 class FeedForward(nn.Module):
@@ -287,8 +301,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start_pos)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start_pos,
+                               mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -357,15 +372,26 @@ class Transformer(nn.Module):
         return self._rope[2], self._rope[3]
 
     def forward(self, tokens, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, targets=None):
+                last_only: bool = False, targets=None, pad=None):
         """tokens (B, T) -> float32 logits (B, T, V); (B, 1, V) with `last_only` (prefill needs only
         the last position, and (T, V) logits of a 16k prompt would take 2 GB). With `targets`
         (B, T): instead, the summed cross-entropy of the targets other than -100
         (F.cross_entropy's ignore_index), by linear_cross_entropy, without the (B, T, V) logits
         (training; a method of its own would miss FSDP2's hooks, which gather the output weight
-        around `forward`)."""
+        around `forward`). `pad` (B,): the left padding of each row, decoding prompts of
+        different lengths together over `cache` (sample.generate): each row's positions count from
+        its first real token, and no real token attends to padding (padding_mask)."""
         T = tokens.shape[1]
-        if torch.is_tensor(start_pos):  # (1,) position of a one-token step over a static cache
+        mask = None
+        if pad is not None:
+            if cache is None or torch.is_tensor(start_pos):
+                raise ValueError("pad is for eager decoding over a KV cache")
+            cos, sin = self.rope(start_pos + T, tokens.device)
+            at = (torch.arange(start_pos, start_pos + T, device=tokens.device)[None]
+                  - pad[:, None]).clamp(min=0)  # (B, T): padding takes position 0's angles
+            cos, sin = cos[at][:, None], sin[at][:, None]  # (B, 1, T, D)
+            mask = padding_mask(pad, start_pos, T)
+        elif torch.is_tensor(start_pos):  # (1,) position of a one-token step over a static cache
             cos, sin = self.rope(cache.max_len, tokens.device)
             cos, sin = cos.index_select(0, start_pos), sin.index_select(0, start_pos)
         else:
@@ -373,7 +399,7 @@ class Transformer(nn.Module):
             cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
         h = self.tok_embeddings(tokens)
         for block in self.layers:
-            h = block(h, cos, sin, cache, start_pos)
+            h = block(h, cos, sin, cache, start_pos, mask)
         if last_only:
             h = h[:, -1:]
         if targets is not None:

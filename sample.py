@@ -42,7 +42,9 @@ DEMO_SUFFIX = '\n    return "".join(c for c in s if ord(c) < 128)\n'
 @torch.inference_mode()  # no autograd bookkeeping at all: ~8% more tokens/s than no_grad here
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop_ids=(),
              stop=None, generator=None, on_token=None, compile=False, allowed=None):
-    """Sample `n` continuations of one prompt (a list of ids), batched, with a KV cache.
+    """Sample `n` continuations of one prompt (a list of ids), batched, with a KV cache; or one
+    continuation of each of several prompts (a list of lists of ids, n=1), left-padded to one
+    length and decoded together (Transformer.forward's `pad`; eager steps only).
 
     temperature 0 is greedy. A row ends at any id in `stop_ids` (kept out of its output) or when
     `stop(row, ids)` says so (e.g. a stop string seen in the text). `on_token(ids)` is called after
@@ -52,12 +54,24 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     generated ids.
     """
     device = model.tok_embeddings.weight.device
-    total = len(prompt) + max_new_tokens
+    if prompt and isinstance(prompt[0], (list, tuple)):  # several prompts
+        if n != 1:
+            raise ValueError("several prompts take one continuation each (n=1)")
+        width = max(map(len, prompt))
+        n, pad = len(prompt), torch.tensor([width - len(p) for p in prompt], device=device)
+        tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompt], device=device)
+        if not pad.any():
+            pad = None
+        elif compile:
+            raise ValueError("compiled steps decode one prompt (or prompts of one length)")
+    else:
+        width, pad = len(prompt), None
+        tokens = torch.tensor(prompt, device=device).expand(n, -1)
+    total = width + max_new_tokens
     if total > model.args.max_seq_len * 64:
         raise ValueError(f"prompt + new tokens = {total} is far past the model's length")
     cache = model.new_cache(n, total)
-    tokens = torch.tensor(prompt, device=device).expand(n, -1)
-    logits = model(tokens, cache=cache, start_pos=0, last_only=True)[:, -1]  # prefill
+    logits = model(tokens, cache=cache, start_pos=0, last_only=True, pad=pad)[:, -1]  # prefill
     if compile:
         step = compiled_step(model)
         model.rope(total, device)  # the tables, built before the compiled steps read them
@@ -68,7 +82,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
     out = [[] for _ in range(n)]
     done = [False] * n
     stop_ids = set(stop_ids)
-    for pos in range(len(prompt), total):
+    for pos in range(width, total):
         for i in range(n) if allowed is not None else ():
             ids = allowed(i, out[i])
             if ids is not None:
@@ -92,7 +106,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_p=1.0, n=1, sto
         if compile:  # the position as data: every step is then the same graph
             logits = step(nxt[:, None], cache, torch.tensor([pos], device=device))[:, -1]
         else:
-            logits = model(nxt[:, None], cache=cache, start_pos=pos)[:, -1]
+            logits = model(nxt[:, None], cache=cache, start_pos=pos, pad=pad)[:, -1]
     return out
 
 

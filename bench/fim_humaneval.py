@@ -34,9 +34,8 @@ runs:
   is reported, whatever it shows; no mode is picked on the test tasks.
 
 Each stage keeps its result (corpus, tokens, runs, every model's scores per part under OUT/eval):
-the same command continues where it stopped. Decoding is one prompt at a time (model.py's
-attention has no padding mask, which batching prompts of different lengths needs); teacher
-forcing runs --batch sequences at a time. Models are evaluated with bf16 weights (under autocast,
+the same command continues where it stopped. Greedy decoding runs --gen-batch prompts together
+(left-padded: eval.infill_middles), teacher forcing --batch sequences at a time. Models are evaluated with bf16 weights (under autocast,
 one-token decoding steps spend more time casting the weights than multiplying: 2x slower here).
 
 The smallest settings, end to end (minutes; on cores other jobs keep busy, one thread runs SmolLM2
@@ -181,9 +180,10 @@ def evaluate(args, name, tok, problems, held, generate_modes):
                 continue  # a span's end cannot be known from the prefix alone
 
             def generate(mode=mode, tasks=tasks):
-                middles = [ev.infill_middle(get_model(), tok, t, mode, args.max_new_tokens,
-                                            lines=t["middle"].count("\n")
-                                            if bench == "single" else 0)[2] for t in tasks]
+                lines = [t["middle"].count("\n") if bench == "single" else 0 for t in tasks]
+                middles = [r[2] for r in ev.infill_middles(get_model(), tok, tasks, mode,
+                                                           args.max_new_tokens, lines=lines,
+                                                           batch=args.gen_batch)]
                 programs = [ev.humaneval_program(problems[t["problem"]], (
                     t["prefix"] + m + t["suffix"])[len(problems[t["problem"]]["prompt"]):])
                     for t, m in zip(tasks, middles)]
@@ -288,6 +288,8 @@ def main():
     p.add_argument("--gen-random", type=int, default=60, help="random-span tasks generated")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per generated middle")
     p.add_argument("--batch", type=int, default=4, help="sequences per teacher-forced pass")
+    p.add_argument("--gen-batch", type=int, default=8,
+                   help="prompts decoded together (left-padded; 1: one at a time)")
     p.add_argument("--eval-windows", type=int, default=128,
                    help="held-out windows of --seq-len tokens for the AR loss")
     args = p.parse_args()

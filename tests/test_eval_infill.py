@@ -278,6 +278,22 @@ def test_smollm2_healed_generation_and_teacher_forcing_agree(smollm2_dir, proble
         assert row["first_hit"] == int(ids[0] == target[0])
         unhealed = ev.infill_middle(model, tok, t, "l2r", 24, heal=False, lines=1)
         assert unhealed[0] == tok.encode(t["prefix"])
+    # decoded together (left-padded, healed rows constrained each on its own): as one at a time
+    tasks = ev.infill_tasks(problems, "single")[::150]
+    lines = [t["middle"].count("\n") for t in tasks]
+    assert ev.infill_middles(model, tok, tasks, "l2r", 16, lines=lines, batch=4) == [
+        ev.infill_middle(model, tok, t, "l2r", 16, lines=n) for t, n in zip(tasks, lines)]
+
+
+def test_middles_decoded_together_are_those_decoded_alone(tiny_infill_ckpt, problems):
+    """eval.infill_middles (prompts left-padded, `batch` at a time, in an order of their own):
+    in every mode, the middles one task at a time gives, in the tasks' order."""
+    from sample import load
+    model, tok = load(tiny_infill_ckpt)
+    tasks = ev.infill_tasks(problems, "random", 0)[::200]
+    for mode in ev.INFILL_MODES:
+        assert ev.infill_middles(model, tok, tasks, mode, 12, batch=3) == [
+            ev.infill_middle(model, tok, t, mode, 12) for t in tasks], mode
 
 
 def test_mcnemar_exact_two_sided():

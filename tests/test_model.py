@@ -79,6 +79,35 @@ def test_kv_cache_decoding_matches_full_forward(name):
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["mha-1e4-untied", "gqa-1e6-untied"])
+def test_left_padded_rows_decode_as_each_row_alone(name):
+    """Prompts of different lengths decoded together (forward's `pad`: left padding, positions
+    from each row's first real token, padding never attended to): the prefill and every cached
+    step give each row the logits of that row run alone; the padding is any id; greedy
+    sample.generate of the batch equals one prompt at a time."""
+    import sample
+    m = random_model(*CONFIGS[name]).eval()
+    lengths = [9, 3, 14, 1]
+    rows = [torch.randint(0, m.args.vocab_size, (n + 6,), generator=gen(7 + n)) for n in lengths]
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    tokens = torch.stack([torch.cat([torch.full((width - n,), 7 * n), r[:n]])
+                          for n, r in zip(lengths, rows)])
+    with torch.no_grad():
+        cache = m.new_cache(len(rows), width + 6)
+        got = [m(tokens, cache=cache, start_pos=0, pad=pad)[:, -1]]
+        for j in range(6):  # then each row's own next tokens, one at a time
+            step = torch.stack([r[n + j] for n, r in zip(lengths, rows)])[:, None]
+            got.append(m(step, cache=cache, start_pos=width + j, pad=pad)[:, -1])
+        for b, (n, r) in enumerate(zip(lengths, rows)):
+            alone = m(r[None])[0, n - 1:]
+            assert (torch.stack([g[b] for g in got]) - alone).abs().max().item() < 1e-5, b
+    prompts = [r[:n].tolist() for n, r in zip(lengths, rows)]
+    assert sample.generate(m, prompts, 8) == [sample.generate(m, p, 8)[0] for p in prompts]
+    with pytest.raises(ValueError, match="one continuation each"):
+        sample.generate(m, prompts, 8, n=2)
+
+
 def test_eager_cached_generation_equals_full_forward_passes(monkeypatch):
     """sample.generate's eager loop (a prefill, then one token at a time over the KV cache) gives,
     at every step, the logits of a full forward pass over the whole sequence without a cache, and
