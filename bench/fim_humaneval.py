@@ -208,6 +208,24 @@ def pairs(names):
             if base in names for fim in ("psm", "spm")]
 
 
+def trend(results, curve):
+    """What the learning curve implies for PSM: its teacher-forced middle loss fitted as
+    a + b ln(targets seen) over the curve's points after step 0 (least squares), and the targets at
+    which the fit reaches the final FIM model's prefix-only loss on the same tasks. None where the
+    fit does not fall (b >= 0) or has fewer than 2 points."""
+    import math
+    seen = results["fim"]["targets_by_step"]
+    pts = [(math.log(sum(t for s, t in seen.items() if int(s) <= step)),
+            results[name]["forced/psm"]["nats_per_char"]) for name, step in curve if step]
+    if len(pts) < 2:
+        return None
+    mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    a, goal = my - b * mx, results["fim"]["forced/l2r"]["nats_per_char"]
+    return {"a": a, "b": b, "goal": goal,
+            "targets": math.exp((goal - a) / b) if b < 0 else None}
+
+
 def report(args, results, curve, names):
     """report.md: the tables, the comparisons, the learning curve (curve.png)."""
     lines = [f"# FIM on HumanEval-infilling: {args.out}", "",
@@ -238,6 +256,13 @@ def report(args, results, curve, names):
         only_a, only_b, p = ev.mcnemar(a, b)
         lines.append(f"- {na} {ma} {sum(a) / len(a):.3f} vs {nb} {mb} {sum(b) / len(b):.3f}: "
                      f"passed only by the first {only_a}, only by the second {only_b}, p = {p:.3g}")
+    t = trend(results, curve)
+    if t:
+        lines += ["", f"PSM trend: middle nats/char = {t['a']:.3f} {t['b']:+.4f} ln(targets "
+                  f"seen), fitted over the curve's points after step 0; it reaches the final "
+                  f"model's prefix-only {t['goal']:.3f} at " + (
+                      f"~{t['targets'] / 1e6:,.0f}M targets" if t["targets"] else "no point "
+                      "(it does not fall)")]
     lines += ["", "Held-out AR loss: " + ", ".join(
         f"{n} {results[n]['ar_loss']:.4f}" for n in names if "ar_loss" in results[n])]
     for n in ("fim", "plain"):
@@ -313,7 +338,8 @@ def main():
                        shard_mb=4)
         print(f"prepared: {summary(meta)}", flush=True)
     rows = train(args, "fim", 0.9, args.steps)
-    results = {"fim": {"targets": sum(r["targets"] for r in rows), "steps": rows[-1]["step"]}}
+    results = {"fim": {"targets": sum(r["targets"] for r in rows), "steps": rows[-1]["step"],
+                       "targets_by_step": {r["step"]: r["targets"] for r in rows}}}
     names = ["fim", "smollm2"]
     if args.plain:
         rows = train(args, "plain", 0.0, plain_steps(args, results["fim"]["targets"]))

@@ -619,3 +619,26 @@ def test_infilling_comparisons_are_fixed_before_the_run():
         (("fim", m), (base, "l2r")) for base in ("smollm2", "fim") for m in ("psm", "spm")]
     assert [b for _, b in fim_humaneval.pairs(["fim", "smollm2", "plain"])][:2] == [
         ("plain", "l2r")] * 2
+
+
+def test_the_psm_trend_is_a_log_fit_over_targets_seen():
+    """fim_humaneval.trend: points on 1.2 - 0.05 ln(T) (T the targets seen by each curve step,
+    step 0 left out) give back a and b, and the targets where the line meets the final model's
+    prefix-only loss; a curve that does not fall gives no such point."""
+    import math
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fim_humaneval
+    results = {"fim": {"targets_by_step": {str(s): 1000 for s in range(1, 31)},
+                       "forced/l2r": {"nats_per_char": 0.5}},
+               "smollm2": {"forced/psm": {"nats_per_char": 9.0}}}  # step 0: not fitted
+    curve = [("smollm2", 0)]
+    for step in (10, 20, 30):
+        results[f"fim-{step}"] = {"forced/psm": {"nats_per_char": 1.2 - 0.05 * math.log(
+            1000 * step)}}
+        curve.append((f"fim-{step}", step))
+    t = fim_humaneval.trend(results, curve)
+    assert t["a"] == pytest.approx(1.2) and t["b"] == pytest.approx(-0.05)
+    assert t["targets"] == pytest.approx(math.exp(0.7 / 0.05), rel=1e-6)
+    for name, _ in curve[1:]:
+        results[name]["forced/psm"]["nats_per_char"] = 0.9
+    assert fim_humaneval.trend(results, curve)["targets"] is None
