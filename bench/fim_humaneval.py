@@ -35,8 +35,9 @@ runs:
 
 Each stage keeps its result (corpus, tokens, runs, every model's scores per part under OUT/eval):
 the same command continues where it stopped. Greedy decoding runs --gen-batch prompts together
-(left-padded: eval.infill_middles), teacher forcing --batch sequences at a time. Models are evaluated with bf16 weights (under autocast,
-one-token decoding steps spend more time casting the weights than multiplying: 2x slower here).
+(left-padded: eval.infill_middles), teacher forcing --batch sequences at a time. Models are
+evaluated with bf16 weights (under autocast, one-token decoding steps spend more time casting the
+weights than multiplying: 2x slower here).
 
 The smallest settings, end to end (minutes; on cores other jobs keep busy, one thread runs SmolLM2
 5-10x faster than two, whose OpenMP barriers wait: hence OMP_NUM_THREADS=1 there):
